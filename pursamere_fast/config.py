@@ -1,0 +1,109 @@
+"""PurifyConfig: every knob of the PurSAMERE loop, validated once at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+
+def geometric_sigmas(sigma_max: float, sigma_min: float, n: int) -> tuple[float, ...]:
+    """`n` geometrically spaced noise levels from `sigma_max` down to `sigma_min` (NCSN ladder)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if n == 1:
+        return (float(sigma_max),)
+    ratio = math.log(sigma_min / sigma_max) / (n - 1)
+    return tuple(float(sigma_max * math.exp(ratio * i)) for i in range(n))
+
+
+@dataclass(frozen=True)
+class PurifyConfig:
+    """Configuration of the PurSAMERE purification loop (SPEC section 2).
+
+    Attributes:
+        sigmas: annealed noise levels, strictly decreasing and positive.
+        steps_per_sigma: Adam steps at each sigma; K = len(sigmas) * steps_per_sigma.
+        n_samples: Monte Carlo noise samples N per step.
+        rho: radius of the purification ball around the input (in `norm`).
+        norm: "linf" or "l2"; governs both the purification ball and the SAM ball.
+        sam_radius: SAM ascent radius r; 0 switches SAM off.
+        lr_max, lr_min: Adam step size, falling linearly from lr_max (k=0) to lr_min (k=K-1).
+        betas: Adam (beta1, beta2).
+        adam_eps: Adam epsilon.
+        seed: seed of the fixed Monte Carlo noise (generated on the CPU).
+        max_batch: images purified together at most (bounds memory; results do not depend on it).
+    """
+
+    sigmas: tuple[float, ...] = field(default_factory=lambda: geometric_sigmas(0.25, 0.02, 5))
+    steps_per_sigma: int = 4
+    n_samples: int = 8
+    rho: float = 16 / 255
+    norm: str = "linf"
+    sam_radius: float = 4 / 255
+    lr_max: float = 0.01
+    lr_min: float = 0.001
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    seed: int = 0
+    max_batch: int = 64
+
+    def __post_init__(self):
+        try:
+            sigmas = tuple(float(s) for s in self.sigmas)
+        except TypeError:
+            raise ValueError(f"sigmas must be a sequence of floats, got {self.sigmas!r}") from None
+        object.__setattr__(self, "sigmas", sigmas)
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if not sigmas:
+            raise ValueError("sigmas must not be empty")
+        if not all(math.isfinite(s) and s > 0 for s in sigmas):
+            raise ValueError(f"sigmas must be finite and positive, got {sigmas}")
+        if any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+            raise ValueError(f"sigmas must be strictly decreasing, got {sigmas}")
+        _int_at_least("steps_per_sigma", self.steps_per_sigma, 1)
+        _int_at_least("n_samples", self.n_samples, 1)
+        _int_at_least("max_batch", self.max_batch, 1)
+        _int_at_least("seed", self.seed, 0)
+        _finite_at_least("rho", self.rho, 0.0)
+        _finite_at_least("sam_radius", self.sam_radius, 0.0)
+        _finite_at_least("lr_max", self.lr_max, 0.0)
+        _finite_at_least("lr_min", self.lr_min, 0.0)
+        _finite_at_least("adam_eps", self.adam_eps, 0.0)
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+
+    @property
+    def num_steps(self) -> int:
+        """K, the total number of Adam steps."""
+        return len(self.sigmas) * self.steps_per_sigma
+
+    def step_sigmas(self) -> list[float]:
+        """sigma_k for k = 0..K-1."""
+        return [s for s in self.sigmas for _ in range(self.steps_per_sigma)]
+
+    def step_lrs(self) -> list[float]:
+        """lr_k for k = 0..K-1: linear from lr_max to lr_min (lr_max alone when K = 1)."""
+        k_total = self.num_steps
+        if k_total == 1:
+            return [self.lr_max]
+        return [self.lr_max + (self.lr_min - self.lr_max) * k / (k_total - 1) for k in range(k_total)]
+
+    def with_overrides(self, **overrides) -> "PurifyConfig":
+        """A copy with the given fields replaced (validated again)."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown PurifyConfig field(s) {unknown}; valid: {sorted(names)}")
+        return replace(self, **overrides) if overrides else self
+
+
+def _int_at_least(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _finite_at_least(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")

@@ -1,0 +1,64 @@
+"""Purifier: PurSAMERE as an nn.Module, with a choice of backward for attacks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import PurifyConfig
+from .purify import purify
+
+GRAD_MODES = ("none", "bpda", "full")
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: purify. Backward: identity (BPDA with the identity as the purifier's backward)."""
+
+    @staticmethod
+    def forward(ctx, x, purify_fn):
+        return purify_fn(x.detach())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out, None
+
+
+class Purifier(nn.Module):
+    """A score model and a config, purifying whatever passes through `forward`.
+
+    Args:
+        score: callable score(y, sigma); registered as a submodule when it is an nn.Module.
+        config: PurifyConfig (default PurifyConfig()); `**overrides` replace its fields.
+        grad_mode: "none" (output carries no gradient), "bpda" (straight-through identity
+            backward), "full" (exact gradient through the unrolled loop).
+        backend: backend of `purify` for grad_mode "none" and "bpda".
+
+    Raises:
+        ValueError: unknown grad_mode, or a bad config field.
+    """
+
+    def __init__(self, score, config=None, *, grad_mode="none", backend="auto", **overrides):
+        super().__init__()
+        if grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+        self.score = score
+        self.config = (config or PurifyConfig()).with_overrides(**overrides)
+        self.grad_mode = grad_mode
+        self.backend = backend
+
+    def forward(self, x, noise=None):
+        """Purify x (B, C, H, W) in [0, 1]; `noise` overrides the config's fixed noise."""
+        if self.grad_mode == "full":
+            from .exact import purify_unrolled
+
+            return purify_unrolled(x, self.score, self.config, noise=noise)
+
+        def run(inp):
+            return purify(inp, self.score, self.config, noise=noise, backend=self.backend)
+
+        if self.grad_mode == "bpda" and torch.is_grad_enabled() and x.requires_grad:
+            return _StraightThrough.apply(x, run)
+        return run(x)
+
+    def extra_repr(self):
+        return f"grad_mode={self.grad_mode!r}, backend={self.backend!r}, config={self.config}"
