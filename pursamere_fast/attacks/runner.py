@@ -1,0 +1,368 @@
+"""Resumable, shardable evaluation of (defence, attack) settings over a dataset.
+
+Layout of `out_dir`:
+- rows.rank<r>.jsonl: per-sample rows of rank r, appended and flushed after every batch;
+- rows.jsonl: all rows, merged by rank 0 at the end (sorted by setting, then index);
+- manifest.json: the description of every setting; a resumed run whose settings differ
+  under the same labels is refused;
+- summary.json, summary.md: n, clean and robust accuracy with 95% Wilson intervals;
+- acc_vs_eps.png, acc_vs_steps.png.
+
+Batches are fixed by the index list and `batch_size`, batch b goes to rank b % world_size,
+and every random choice of a batch is seeded from its first index: a sample's row does
+not depend on the number of processes nor on where a run was interrupted. A row is
+written once its whole batch is done; on restart, rows already on disk are skipped and a
+batch is recomputed only for its missing rows.
+
+robust_correct = clean_correct and adv_correct (a sample misclassified clean counts as
+broken, as in RobustBench).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .stats import wilson_interval
+from .threats import AttackSpec, Defence, clean_predictions, run_attack
+
+ROWS = "rows.jsonl"
+MANIFEST = "manifest.json"
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _per_rank(values: list[int]) -> list[list[int]]:
+    """values of every rank, [rank][i]; also the barrier after which rank 0 may merge the shards."""
+    import torch.distributed as dist
+
+    rank, world = _dist()
+    if world == 1:
+        return [values]
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.zeros((world, len(values)), dtype=torch.int64, device=dev)
+    t[rank] = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _key(defence: str, attack: str, index: int) -> tuple[str, str, int]:
+    return defence, attack, int(index)
+
+
+def read_rows(path: str, *, repair: bool = False) -> list[dict]:
+    """Rows of one JSONL file; a truncated last line (a run killed mid-write) is dropped.
+
+    Args:
+        path: JSONL file (missing: no rows).
+        repair: also cut the truncated last line from the file, so appending continues cleanly.
+
+    Returns:
+        The complete rows, in file order.
+
+    Raises:
+        ValueError: on a malformed line that is not the last one.
+    """
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    if repair and len(complete) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    rows = []
+    for n, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not a JSON row: {e}") from None
+    return rows
+
+
+def _all_rows(out_dir: str) -> list[dict]:
+    rows = read_rows(os.path.join(out_dir, ROWS))
+    for p in sorted(glob.glob(os.path.join(out_dir, "rows.rank*.jsonl"))):
+        rows += read_rows(p)
+    seen, unique = set(), []
+    for r in rows:
+        k = _key(r["defence"], r["attack"], r["index"])
+        if k not in seen:
+            seen.add(k)
+            unique.append(r)
+    return unique
+
+
+def _get(data, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        idx = torch.as_tensor(list(indices), dtype=torch.int64)
+        return data[0][idx], torch.as_tensor(data[1])[idx]
+    items = [data[i] for i in indices]
+    return torch.stack([torch.as_tensor(it[0]) for it in items]), torch.as_tensor([int(it[1]) for it in items])
+
+
+def _len(data) -> int:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        if len(data[0]) != len(data[1]):
+            raise ValueError(f"data images and labels differ in length: {len(data[0])} vs {len(data[1])}")
+        return len(data[0])
+    return len(data)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str, sort_keys=True))
+
+
+def _check_manifest(out_dir: str, settings: Sequence[tuple[Defence, AttackSpec]]) -> dict:
+    path = os.path.join(out_dir, MANIFEST)
+    old = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f).get("settings", {})
+    new = dict(old)
+    for d, a in settings:
+        label = f"{d.name} | {a.label}"
+        desc = _jsonable({"defence": dict(d.description), "attack": a.describe()})
+        if label in old and old[label] != desc:
+            raise ValueError(f"out_dir {out_dir!r} holds results of a different setting under {label!r}: "
+                             f"stored {old[label]}, now {desc}; use a new out_dir or another name")
+        new[label] = desc
+    return new
+
+
+def _perturbation(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    p = {"linf": math.inf, "l2": 2, "l1": 1}[norm]
+    return torch.linalg.vector_norm(delta.flatten(1).double(), ord=p, dim=1)
+
+
+def summarise(rows: Sequence[dict], settings: Sequence[tuple[Defence, AttackSpec]], indices: Sequence[int],
+              z: float = 1.96) -> list[dict]:
+    """Per-setting n, clean and robust accuracy with Wilson intervals (rows restricted to `indices`).
+
+    Returns:
+        One dict per setting, in settings order.
+    """
+    wanted = set(int(i) for i in indices)
+    by = {}
+    for r in rows:
+        if r["index"] in wanted:
+            by.setdefault((r["defence"], r["attack"]), []).append(r)
+    out = []
+    for d, a in settings:
+        rs = by.get((d.name, a.label), [])
+        n = len(rs)
+        entry = {"defence": d.name, "attack": a.label, "threat": a.threat, "norm": a.norm, "eps": a.eps,
+                 "steps": a.steps, "step_size": a.step_size, "restarts": a.restarts, "eot": a.eot,
+                 "n": n, "n_expected": len(wanted)}
+        for what, field in (("clean", "clean_correct"), ("robust", "robust_correct")):
+            k = sum(bool(r[field]) for r in rs)
+            entry[f"{what}_correct"] = k
+            entry[f"{what}_acc"] = k / n if n else None
+            entry[f"{what}_ci"] = list(wilson_interval(k, n, z)) if n else None
+        out.append(entry)
+    return out
+
+
+def _fmt_acc(e: dict, what: str) -> str:
+    if e[f"{what}_acc"] is None:
+        return "-"
+    lo, hi = e[f"{what}_ci"]
+    return f"{100 * e[f'{what}_acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def markdown_table(summary: Sequence[dict]) -> str:
+    """Markdown table of a summary (accuracies in %, 95% Wilson intervals in brackets)."""
+    head = ("| defence | attack | threat | norm | eps | steps | step size | n | clean acc % [95% CI] "
+            "| robust acc % [95% CI] |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {e['defence']} | {e['attack']} | {e['threat']} | {e['norm']} | {e['eps']:.6g} | {e['steps']} "
+             f"| {e['step_size']:.4g} | {e['n']} | {_fmt_acc(e, 'clean')} | {_fmt_acc(e, 'robust')} |"
+             for e in summary]
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_summary(summary: Sequence[dict], out_dir: str) -> list[str]:
+    """Write acc_vs_eps.png and acc_vs_steps.png (robust accuracy with Wilson error bars).
+
+    Returns:
+        Paths written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for x_field, fname, fixed in (("eps", "acc_vs_eps.png", ("steps",)), ("steps", "acc_vs_steps.png", ("eps",))):
+        groups = {}
+        for e in summary:
+            if e["threat"] == "clean" or e["n"] == 0:
+                continue
+            key = (e["defence"], e["threat"], e["norm"], e["restarts"], e["eot"]) + tuple(e[f] for f in fixed)
+            groups.setdefault(key, []).append(e)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, es in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            es = sorted(es, key=lambda e: e[x_field])
+            xs = [e[x_field] for e in es]
+            ys = [100 * e["robust_acc"] for e in es]
+            err = [[100 * (e["robust_acc"] - e["robust_ci"][0]) for e in es],
+                   [100 * (e["robust_ci"][1] - e["robust_acc"]) for e in es]]
+            label = f"{key[0]} {key[1]} {key[2]} {fixed[0]}={key[-1]:.4g}"
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+        ax.set_xlabel(x_field)
+        ax.set_ylabel("robust accuracy % (95% Wilson CI)")
+        ax.set_ylim(-2, 102)
+        if groups:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, fname)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _merge(out_dir: str, settings: Sequence[tuple[Defence, AttackSpec]]) -> list[dict]:
+    rows = _all_rows(out_dir)
+    order = {(d.name, a.label): i for i, (d, a) in enumerate(settings)}
+    rows.sort(key=lambda r: (order.get((r["defence"], r["attack"]), len(order)), r["defence"], r["attack"], r["index"]))
+    tmp = os.path.join(out_dir, ROWS + ".tmp")
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    os.replace(tmp, os.path.join(out_dir, ROWS))
+    for p in glob.glob(os.path.join(out_dir, "rows.rank*.jsonl")):
+        os.remove(p)
+    return rows
+
+
+def evaluate(classifier: nn.Module, data, settings: Sequence[tuple[Defence, AttackSpec]], *, out_dir: str,
+             indices: Sequence[int] | None = None, batch_size: int = 64, mean=None, std=None,
+             device: str | torch.device | None = None, progress: bool = True, plots: bool = True) -> list[dict]:
+    """Evaluate every (defence, attack) setting on every index; resumable and shardable.
+
+    Under torch.distributed (e.g. torchrun) each rank takes every world_size-th batch and
+    writes its own shard; rank 0 merges the shards and writes the summary.
+
+    Args:
+        classifier: module from normalised images to logits (switched to eval mode).
+        data: (images (N, C, H, W) in [0, 1], labels (N,)) tensors, or a dataset whose
+            items are (image, label).
+        settings: (defence, attack) pairs; (defence name, attack label) must be unique.
+        out_dir: results directory (created; reused to resume).
+        indices: dataset indices to evaluate (None: all), in batch order.
+        batch_size: images per batch, >= 1.
+        mean, std: normalisation applied before the classifier.
+        device: where to run (None: the classifier's device).
+        progress: tqdm bar on rank 0.
+        plots: write the PNG plots.
+
+    Returns:
+        The summary (see `summarise`); on ranks other than 0 the summary of all rows on disk.
+
+    Raises:
+        ValueError: on a bad argument or a resumed out_dir with different settings.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not settings:
+        raise ValueError("settings must not be empty")
+    labels = [(d.name, a.label) for d, a in settings]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"settings must have unique (defence, attack) labels, got {labels}")
+    size = _len(data)
+    indices = list(range(size)) if indices is None else [int(i) for i in indices]
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad or len(set(indices)) != len(indices):
+        raise ValueError(f"indices must be distinct and in [0, {size}), got bad entries {bad[:5]}")
+    if device is None:
+        p = next(iter(classifier.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    classifier.eval()
+
+    rank, world = _dist()
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = _check_manifest(out_dir, settings)
+    done = {_key(r["defence"], r["attack"], r["index"]) for r in _all_rows(out_dir)}
+    _barrier()
+    if rank == 0:
+        with open(os.path.join(out_dir, MANIFEST), "w") as f:
+            json.dump({"settings": manifest}, f, indent=1, sort_keys=True)
+
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    mine = batches[rank::world]
+    shard = os.path.join(out_dir, f"rows.rank{rank}.jsonl")
+    read_rows(shard, repair=True)
+    todo = sum(1 for b in mine for d, a in settings if any(_key(d.name, a.label, i) not in done for i in b))
+    skipped = sum(1 for b in mine for d, a in settings for i in b if _key(d.name, a.label, i) in done)
+    written = 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=todo, disable=not progress or rank != 0, desc="evaluate", unit="batch")
+    with open(shard, "a") as f:
+        for batch in mine:
+            x, y = None, None
+            clean = {}
+            for d, a in settings:
+                missing = [i for i in batch if _key(d.name, a.label, i) not in done]
+                if not missing:
+                    continue
+                if x is None:
+                    x, y = _get(data, batch)
+                    x = x.to(device=device, dtype=x.dtype if x.is_floating_point() else torch.float32)
+                    y = y.to(device=device, dtype=torch.int64)
+                if d.name not in clean:
+                    clean[d.name] = clean_predictions(d, classifier, x, mean=mean, std=std)
+                x_adv, adv_pred = run_attack(d, a, classifier, x, y, mean=mean, std=std,
+                                             seed=a.seed * 1_000_003 + batch[0])
+                pert = _perturbation(x_adv - x, a.norm).tolist()
+                cp, ap, yl = clean[d.name].tolist(), adv_pred.tolist(), y.tolist()
+                want = set(missing)
+                for j, idx in enumerate(batch):
+                    if idx not in want:
+                        continue
+                    row = {"index": idx, "label": yl[j], "defence": d.name, "attack": a.label,
+                           "threat": a.threat, "norm": a.norm, "eps": a.eps, "steps": a.steps,
+                           "step_size": a.step_size, "restarts": a.restarts, "eot": a.eot,
+                           "clean_pred": cp[j], "adv_pred": ap[j], "clean_correct": cp[j] == yl[j],
+                           "adv_correct": ap[j] == yl[j], "robust_correct": cp[j] == yl[j] and ap[j] == yl[j],
+                           "perturbation": pert[j]}
+                    f.write(json.dumps(row, sort_keys=True) + "\n")
+                    written += 1
+                f.flush()
+                bar.update(1)
+    bar.close()
+    counts = _per_rank([written, skipped])
+    if rank == 0:
+        rows = _merge(out_dir, settings)
+        summary = summarise(rows, settings, indices)
+        run = {"rows_written": sum(c[0] for c in counts), "rows_skipped": sum(c[1] for c in counts),
+               "rows_written_per_rank": [c[0] for c in counts], "world_size": world, "batch_size": batch_size}
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump({"settings": summary, "run": run}, f, indent=1)
+        with open(os.path.join(out_dir, "summary.md"), "w") as f:
+            f.write(markdown_table(summary))
+        if plots:
+            plot_summary(summary, out_dir)
+    _barrier()
+    return summarise(read_rows(os.path.join(out_dir, ROWS)), settings, indices)

@@ -1,0 +1,124 @@
+"""Modules that put a purifier in front of a classifier, and the stochastic-purifier wrapper.
+
+`PurifiedClassifier` is what every adaptive attack differentiates: [0, 1] images ->
+purifier -> (x - mean) / std -> classifier -> logits. How the gradient passes the purifier
+is the purifier's business (grad_mode "bpda": identity; "full": exact unrolled gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+class IdentityPurifier(nn.Module):
+    """The "no defence" purifier: returns its input (exact identity gradient)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class StraightThrough(nn.Module):
+    """BPDA wrapper for any purifier: forward value of `purifier`, identity backward.
+
+    Args:
+        purifier: module from images to purified images.
+    """
+
+    def __init__(self, purifier: nn.Module):
+        super().__init__()
+        self.purifier = purifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.purifier(x.detach())
+        # Value exactly `out` (x - x is 0), gradient exactly the identity.
+        return out + (x - x.detach())
+
+
+def _as_channel_buffer(name: str, value, channels: int | None) -> torch.Tensor | None:
+    if value is None:
+        return None
+    t = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if t.numel() == 0 or not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be a non-empty finite sequence, got {value!r}")
+    if name == "std" and bool((t <= 0).any()):
+        raise ValueError(f"std must be positive, got {value!r}")
+    if channels is not None and t.numel() not in (1, channels):
+        raise ValueError(f"{name} must have 1 or {channels} entries, got {t.numel()}")
+    return t.view(1, -1, 1, 1)
+
+
+class PurifiedClassifier(nn.Module):
+    """classifier(normalise(purifier(x))) as one module from [0, 1] images to logits.
+
+    Args:
+        purifier: module from (B, C, H, W) images to purified images of the same shape.
+        classifier: module from normalised images to logits.
+        mean: per-channel mean subtracted before the classifier (None: no normalisation).
+        std: per-channel std divided by before the classifier (None: 1).
+
+    Raises:
+        ValueError: on a non-finite mean/std, a non-positive std, or a length mismatch.
+    """
+
+    def __init__(self, purifier: nn.Module, classifier: nn.Module,
+                 mean: Sequence[float] | torch.Tensor | None = None,
+                 std: Sequence[float] | torch.Tensor | None = None):
+        super().__init__()
+        self.purifier = purifier
+        self.classifier = classifier
+        m = _as_channel_buffer("mean", mean, None)
+        s = _as_channel_buffer("std", std, None)
+        if m is not None and s is not None and m.numel() != s.numel() and 1 not in (m.numel(), s.numel()):
+            raise ValueError(f"mean and std lengths differ: {m.numel()} vs {s.numel()}")
+        self.register_buffer("mean", m, persistent=False)
+        self.register_buffer("std", s, persistent=False)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply (x - mean) / std with the stored statistics (identity when both are None)."""
+        if self.mean is not None:
+            x = x - self.mean.to(x.dtype)
+        if self.std is not None:
+            x = x / self.std.to(x.dtype)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.normalise(self.purifier(x)))
+
+
+class FreshNoisePurifier(nn.Module):
+    """A stochastic purifier: every call builds the purifier with a new seed (fresh noise).
+
+    The seed sequence is deterministic: call i uses `seed * 1_000_003 + i` (reset with
+    `reset`), so an EoT evaluation is reproducible while every call sees new noise.
+
+    Args:
+        build: callable seed -> purifier module (e.g. ``lambda s: Purifier(score, cfg,
+            grad_mode="bpda", seed=s)``).
+        seed: base seed, >= 0.
+
+    Raises:
+        ValueError: when build is not callable or seed is negative.
+    """
+
+    def __init__(self, build: Callable[[int], nn.Module], seed: int = 0):
+        super().__init__()
+        if not callable(build):
+            raise ValueError(f"build must be callable, got {type(build).__name__}")
+        self.build = build
+        self.reset(seed)
+
+    def reset(self, seed: int) -> None:
+        """Restart the seed sequence at `seed`."""
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        self.seed = seed
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seed = self.seed * 1_000_003 + self.calls
+        self.calls += 1
+        return self.build(seed)(x)
