@@ -5,39 +5,13 @@ import math
 import pytest
 import torch
 
-import pursamere_fast.kernels as K
+from kernel_checks import assert_2x, assert_equal
 from pursamere_fast.kernels import adam_project, adam_project_torch, use_triton
 from pursamere_fast.reference.adam_project import adam_project as adam_project_ref
 
-# (B, N, D): odd sizes with tails. On the CPU MAX_BLOCK is lowered to 64 so D = 105 and 300
-# loop over several blocks and D = 7 is one masked block; CUDA runs real sizes, 1024 blocks.
-SMALL = [(1, 1, 7), (3, 5, 105), (1, 5, 300), (3, 1, 300)]
-LARGE = [(2, 1, 7), (16, 8, 3072), (5, 3, 784), (64, 8, 3 * 32 * 32)]
 BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
 
 
-@pytest.fixture
-def shapes(device, monkeypatch):
-    if device.type == "cpu":
-        monkeypatch.setattr(K, "MAX_BLOCK", 64)
-        return SMALL
-    return LARGE
-
-
-def _assert_2x(name, out, ref32, ref64, rtol=1e-6):
-    """flash-attention's rule: the error against float64 is at most twice the float32
-    reference's own error, plus a small atol (rtol times the output's scale)."""
-    out, ref32 = out.detach().cpu().double(), ref32.detach().cpu().double()
-    assert torch.isfinite(out).all(), f"{name}: non-finite at {(~torch.isfinite(out)).nonzero()[:8].tolist()}"
-    err = (out - ref64).abs()
-    bound = 2 * (ref32 - ref64).abs().max().item() + rtol * max(1.0, ref64.abs().max().item())
-    bad = (err > bound).nonzero()
-    assert bad.numel() == 0, f"{name}: max error {err.max().item():.3e} > {bound:.3e} at {bad[:8].tolist()}"
-
-
-def _assert_equal(name, out, ref):
-    diff = (out.cpu() != ref.cpu()).nonzero()
-    assert diff.numel() == 0, f"{name}: {diff.shape[0]} elements differ, first at {diff[:8].tolist()}"
 
 
 def _rho(norm, d):
@@ -123,19 +97,19 @@ def test_float32_matches_reference(device, shapes, case, norm, write_y):
     outs = {}
     for name, fn in _impls(device):
         xo, mo, vo, y = _run(fn, x, x_adv, m, v, g, sched, k, rho, norm, device, *((eps, sig_t) if write_y else ()))
-        _assert_2x(f"{name} x", xo, x32, x64)
-        _assert_2x(f"{name} m", mo, m32, m64)
-        _assert_2x(f"{name} v", vo, v32, v64)
+        assert_2x(f"{name} x", xo, x32, x64)
+        assert_2x(f"{name} m", mo, m32, m64)
+        assert_2x(f"{name} v", vo, v32, v64)
         _assert_feasible(name, xo, x_adv, rho, norm)
         if write_y:
             sigma_next = sig_t.to(device)[3]
-            _assert_equal(f"{name} y_next", y, xo[:, None] + sigma_next * eps.to(device)[None])
+            assert_equal(f"{name} y_next", y, xo[:, None] + sigma_next * eps.to(device)[None])
         outs[name] = (mo, vo)
     if "triton" in outs:
         # m and v: the same multiplies and adds in the same order. (x also takes a sqrt, which
         # torch's CPU build does not round correctly everywhere: covered by the 2x rule.)
-        _assert_equal("triton vs torch m", outs["triton"][0], outs["torch"][0])
-        _assert_equal("triton vs torch v", outs["triton"][1], outs["torch"][1])
+        assert_equal("triton vs torch m", outs["triton"][0], outs["torch"][0])
+        assert_equal("triton vs torch v", outs["triton"][1], outs["torch"][1])
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -149,7 +123,7 @@ def test_float64(device, shapes, norm):
         xo, mo, vo, _ = _run(fn, x, x_adv, m, v, g, sched, 1, rho, norm, device)
         if name == "torch" and device.type == "cpu":
             for label, out, ref in (("x", xo, x64), ("m", mo, m64), ("v", vo, v64)):
-                _assert_equal(f"torch {label}", out, ref)
+                assert_equal(f"torch {label}", out, ref)
         for label, out, ref in (("x", xo, x64), ("m", mo, m64), ("v", vo, v64)):
             torch.testing.assert_close(out.cpu(), ref, rtol=1e-15, atol=1e-15, msg=lambda s: f"{name} {label}: {s}")
 
@@ -181,9 +155,9 @@ def test_noop_leaves_state_bit_identical(device, shapes, norm):
     zeros = torch.zeros(b, d)
     for name, fn in _impls(device):
         xo, mo, vo, _ = _run(fn, x, x_adv, zeros, zeros, zeros, _schedules(torch.float32), 2, rho, norm, device)
-        _assert_equal(f"{name} x", xo, x)
-        _assert_equal(f"{name} m", mo, zeros)
-        _assert_equal(f"{name} v", vo, zeros)
+        assert_equal(f"{name} x", xo, x)
+        assert_equal(f"{name} m", mo, zeros)
+        assert_equal(f"{name} v", vo, zeros)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -192,8 +166,8 @@ def test_rho_zero_returns_x_adv(device, shapes, norm):
     x, x_adv, m, v, g, eps, sig_t = _inputs(b, n, d, 0.1)
     for name, fn in _impls(device):
         xo, _, _, y = _run(fn, x, x_adv, m, v, g, _schedules(torch.float32), 2, 0.0, norm, device, eps, sig_t)
-        _assert_equal(f"{name} x", xo, x_adv)
-        _assert_equal(f"{name} y_next", y, x_adv.to(device)[:, None] + sig_t.to(device)[3] * eps.to(device)[None])
+        assert_equal(f"{name} x", xo, x_adv)
+        assert_equal(f"{name} y_next", y, x_adv.to(device)[:, None] + sig_t.to(device)[3] * eps.to(device)[None])
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

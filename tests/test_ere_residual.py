@@ -3,38 +3,12 @@
 import pytest
 import torch
 
-import pursamere_fast.kernels as K
+from kernel_checks import assert_2x, assert_equal
 from pursamere_fast.kernels import ere_residual, ere_residual_torch, use_triton
 from pursamere_fast.reference.ere_residual import ere_residual as ere_residual_ref
 
-# (B, N, D): odd sizes with tails. On the CPU MAX_BLOCK is lowered to 64 so D = 105 and 300
-# loop over several blocks and D = 7 is one masked block; CUDA runs real sizes, 1024 blocks.
-SMALL = [(1, 1, 7), (3, 5, 105), (1, 5, 300), (3, 1, 300)]
-LARGE = [(2, 1, 7), (16, 8, 3072), (5, 3, 784), (64, 8, 3 * 32 * 32)]
 
 
-@pytest.fixture
-def shapes(device, monkeypatch):
-    if device.type == "cpu":
-        monkeypatch.setattr(K, "MAX_BLOCK", 64)
-        return SMALL
-    return LARGE
-
-
-def _assert_2x(name, out, ref32, ref64, rtol=1e-6):
-    """flash-attention's rule: the error against float64 is at most twice the float32
-    reference's own error, plus a small atol (rtol times the output's scale)."""
-    out, ref32 = out.detach().cpu().double(), ref32.detach().cpu().double()
-    assert torch.isfinite(out).all(), f"{name}: non-finite at {(~torch.isfinite(out)).nonzero()[:8].tolist()}"
-    err = (out - ref64).abs()
-    bound = 2 * (ref32 - ref64).abs().max().item() + rtol * max(1.0, ref64.abs().max().item())
-    bad = (err > bound).nonzero()
-    assert bad.numel() == 0, f"{name}: max error {err.max().item():.3e} > {bound:.3e} at {bad[:8].tolist()}"
-
-
-def _assert_equal(name, out, ref):
-    diff = (out.cpu() != ref.cpu()).nonzero()
-    assert diff.numel() == 0, f"{name}: {diff.shape[0]} elements differ, first at {diff[:8].tolist()}"
 
 
 def _inputs(b, n, d, dtype=torch.float32, seed=0):
@@ -70,13 +44,13 @@ def test_float32_matches_reference(device, shapes, case):
     outs = {}
     for name, fn in _impls(device):
         grad, sqnorm = _run(fn, s, eps, sig_t, n, device)
-        _assert_2x(f"{name} grad", grad, g32, g64)
-        _assert_2x(f"{name} sqnorm", sqnorm, q32, q64)
+        assert_2x(f"{name} grad", grad, g32, g64)
+        assert_2x(f"{name} sqnorm", sqnorm, q32, q64)
         outs[name] = grad
     if "triton" in outs and device.type == "cpu":
         # Same elementwise ops in the same order. (Not asserted on CUDA, where torch divides
         # by a Python scalar as a multiplication by its reciprocal.)
-        _assert_equal("triton vs torch grad", outs["triton"], outs["torch"])
+        assert_equal("triton vs torch grad", outs["triton"], outs["torch"])
 
 
 @pytest.mark.parametrize("case", range(4))
@@ -87,7 +61,7 @@ def test_float64(device, shapes, case):
     for name, fn in _impls(device):
         grad, sqnorm = _run(fn, s, eps, sig_t, n, device)
         if name == "torch" and device.type == "cpu":
-            _assert_equal("torch grad", grad, g64)
+            assert_equal("torch grad", grad, g64)
         torch.testing.assert_close(grad.cpu(), g64, rtol=1e-15, atol=1e-15, msg=lambda m: f"{name} grad: {m}")
         # ||r||^2 as the square of torch's norm (fallback) or a blocked sum (kernel).
         torch.testing.assert_close(sqnorm.cpu(), q64, rtol=1e-14, atol=0.0, msg=lambda m: f"{name} sqnorm: {m}")

@@ -9,15 +9,7 @@ from pursamere_fast.nets import ConvScoreNet
 from pursamere_fast.reference import purify_reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: a second intra-op thread only adds contention on a shared CPU (60 toy
-    # training steps: 1.8 s with 1 thread, 14 s with 2 under load). Subprocesses also run
-    # with OMP_NUM_THREADS=1, so in-process and subprocess results are comparable.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _score(dtype=torch.float64, requires_grad=False):

@@ -15,15 +15,7 @@ torchattacks = pytest.importorskip("torchattacks", reason="install with `pip ins
 N = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: a second intra-op thread only adds contention on a shared CPU (60 toy
-    # training steps: 1.8 s with 1 thread, 14 s with 2 under load). Subprocesses also run
-    # with OMP_NUM_THREADS=1, so in-process and subprocess results are comparable.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

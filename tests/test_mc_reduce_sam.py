@@ -3,40 +3,14 @@
 import pytest
 import torch
 
-import pursamere_fast.kernels as K
+from kernel_checks import assert_2x, assert_equal
 from pursamere_fast.kernels import mc_reduce_sam, mc_reduce_sam_torch, use_triton
 from pursamere_fast.reference.mc_reduce_sam import mc_reduce_sam as mc_reduce_sam_ref
 
-# (B, N, D): odd sizes with tails. On the CPU MAX_BLOCK is lowered to 64 so D = 105 and 300
-# loop over several blocks and D = 7 is one masked block; CUDA runs real sizes, 1024 blocks.
-SMALL = [(1, 1, 7), (3, 5, 105), (1, 5, 300), (3, 1, 300)]
-LARGE = [(2, 1, 7), (16, 8, 3072), (5, 3, 784), (64, 8, 3 * 32 * 32)]
 # (norm, radius, write out_y); without out_y the norm and radius play no part.
 MODES = [("linf", 0.0, False), ("linf", 0.0, True), ("linf", 0.05, True), ("l2", 0.0, True), ("l2", 0.7, True)]
 
 
-@pytest.fixture
-def shapes(device, monkeypatch):
-    if device.type == "cpu":
-        monkeypatch.setattr(K, "MAX_BLOCK", 64)
-        return SMALL
-    return LARGE
-
-
-def _assert_2x(name, out, ref32, ref64, rtol=1e-6):
-    """flash-attention's rule: the error against float64 is at most twice the float32
-    reference's own error, plus a small atol (rtol times the output's scale)."""
-    out, ref32 = out.detach().cpu().double(), ref32.detach().cpu().double()
-    assert torch.isfinite(out).all(), f"{name}: non-finite at {(~torch.isfinite(out)).nonzero()[:8].tolist()}"
-    err = (out - ref64).abs()
-    bound = 2 * (ref32 - ref64).abs().max().item() + rtol * max(1.0, ref64.abs().max().item())
-    bad = (err > bound).nonzero()
-    assert bad.numel() == 0, f"{name}: max error {err.max().item():.3e} > {bound:.3e} at {bad[:8].tolist()}"
-
-
-def _assert_equal(name, out, ref):
-    diff = (out.cpu() != ref.cpu()).nonzero()
-    assert diff.numel() == 0, f"{name}: {diff.shape[0]} elements differ, first at {diff[:8].tolist()}"
 
 
 def _inputs(b, n, d, dtype=torch.float32, seed=0):
@@ -74,12 +48,12 @@ def test_float32_matches_reference(device, shapes, case, norm, radius, write_y):
     for name, fn in _impls(device):
         g, y = _run(fn, gy, x, eps, sig_t, radius, norm, write_y, device)
         # The sum runs in index order everywhere: bitwise equal to the float32 reference.
-        _assert_equal(f"{name} g", g, g32)
+        assert_equal(f"{name} g", g, g32)
         if write_y:
-            _assert_2x(f"{name} y", y, y32, y64)
+            assert_2x(f"{name} y", y, y32, y64)
         outs[name] = y
     if write_y and norm == "linf" and "triton" in outs:
-        _assert_equal("triton vs torch y", outs["triton"], outs["torch"])
+        assert_equal("triton vs torch y", outs["triton"], outs["torch"])
 
 
 @pytest.mark.parametrize("norm, radius, write_y", MODES)
@@ -89,11 +63,11 @@ def test_float64(device, shapes, norm, radius, write_y):
     g64, y64 = mc_reduce_sam_ref(gy, x, eps, sig_t[2], radius, norm)
     for name, fn in _impls(device):
         g, y = _run(fn, gy, x, eps, sig_t, radius, norm, write_y, device)
-        _assert_equal(f"{name} g", g, g64)
+        assert_equal(f"{name} g", g, g64)
         if not write_y:
             continue
         if name == "torch" and device.type == "cpu":
-            _assert_equal("torch y", y, y64)
+            assert_equal("torch y", y, y64)
         torch.testing.assert_close(y.cpu(), y64, rtol=1e-15, atol=1e-15, msg=lambda m: f"{name} y: {m}")
 
 
@@ -110,8 +84,8 @@ def test_zero_gradient_gives_no_step(device, norm):
         g, y = _run(fn, gy, x, eps, sig_t, 0.1, norm, True, device)
         y = y.cpu()
         assert (g.cpu()[:, zero_cols] == 0).all() and (g.cpu()[1] == 0).all()
-        _assert_equal(f"{name} y where g = 0", y[:, :, zero_cols], no_step[:, :, zero_cols])
-        _assert_equal(f"{name} y of the image with g = 0", y[1], no_step[1])
+        assert_equal(f"{name} y where g = 0", y[:, :, zero_cols], no_step[:, :, zero_cols])
+        assert_equal(f"{name} y of the image with g = 0", y[1], no_step[1])
         moved = (y[0] - no_step[0]).abs()[:, ~zero_cols]
         assert (moved > 1e-6).all(), f"{name}: SAM step missing where g != 0"
 
@@ -125,7 +99,7 @@ def test_nan_gradient_like_torch_sign(device):
     for name, fn in _impls(device):
         g, y = _run(fn, gy, x, eps, sig_t, 0.1, "linf", True, device)
         assert torch.isnan(g.cpu()).nonzero().tolist() == [[0, 5]], name
-        _assert_equal(f"{name} y", y, y_ref)
+        assert_equal(f"{name} y", y, y_ref)
 
 
 @pytest.mark.parametrize("fn", [mc_reduce_sam, mc_reduce_sam_torch], ids=["triton", "torch"])
