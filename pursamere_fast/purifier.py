@@ -32,12 +32,14 @@ class Purifier(nn.Module):
         grad_mode: "none" (output carries no gradient), "bpda" (straight-through identity
             backward), "full" (exact gradient through the unrolled loop).
         backend: backend of `purify` for grad_mode "none" and "bpda".
+        purify_options: further keyword arguments of `purify` for grad_mode "none" and
+            "bpda" (cuda_graph, score_dtype, channels_last, compile_score).
 
     Raises:
         ValueError: unknown grad_mode, or a bad config field.
     """
 
-    def __init__(self, score, config=None, *, grad_mode="none", backend="auto", **overrides):
+    def __init__(self, score, config=None, *, grad_mode="none", backend="auto", purify_options=None, **overrides):
         super().__init__()
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
@@ -45,6 +47,7 @@ class Purifier(nn.Module):
         self.config = (config or PurifyConfig()).with_overrides(**overrides)
         self.grad_mode = grad_mode
         self.backend = backend
+        self.purify_options = dict(purify_options or {})
 
     def forward(self, x, noise=None):
         """Purify x (B, C, H, W) in [0, 1]; `noise` overrides the config's fixed noise."""
@@ -54,7 +57,7 @@ class Purifier(nn.Module):
             return purify_unrolled(x, self.score, self.config, noise=noise)
 
         def run(inp):
-            return purify(inp, self.score, self.config, noise=noise, backend=self.backend)
+            return purify(inp, self.score, self.config, noise=noise, backend=self.backend, **self.purify_options)
 
         if self.grad_mode == "bpda" and torch.is_grad_enabled() and x.requires_grad:
             return _StraightThrough.apply(x, run)

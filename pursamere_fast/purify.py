@@ -1,10 +1,12 @@
 """purify(): validation, backend dispatch, and the fused PurSAMERE loop.
 
-The fused loop ("torch" and "triton" backends) runs SPEC section 2 with every buffer
-allocated before the first step and every per-step scalar (sigma, lr, Adam bias
-corrections) held in device tensors, so the loop issues no host sync. The three fused ops
-come from `pursamere_fast.kernels`: Triton launchers for "triton", their torch fallbacks
-(same signatures, same semantics) for "torch".
+The fused loop ("torch" and "triton" backends, `_FusedLoop`) runs SPEC section 2 with every
+buffer allocated before the first step and every per-step value (sigma, lr, Adam bias
+corrections, the noise slice, the step index itself) read from device tensors, so the loop
+issues no host sync and one step can be captured in a CUDA graph (`graphs.py`). The three
+fused ops come from `pursamere_fast.kernels`: Triton launchers for "triton", their torch
+fallbacks (same signatures, same semantics) for "torch". How the score network runs inside
+(bf16 autocast, channels_last, torch.compile) is `graphs.prepare_score`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 
 import torch
 
-from . import kernels
+from . import graphs, kernels
 from .config import PurifyConfig
 from .reference.purify import purify_reference
 
@@ -45,7 +47,8 @@ def make_noise(config: PurifyConfig, image_shape, device=None, dtype=None) -> to
     return noise.to(device=device if device is not None else "cpu", dtype=dtype or torch.float32)
 
 
-def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=False, **overrides):
+def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=False, cuda_graph="auto",
+           score_dtype=None, channels_last=False, compile_score=False, **overrides):
     """Purify a batch with PurSAMERE (SPEC section 2).
 
     Args:
@@ -56,18 +59,37 @@ def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=
         backend: "auto" (triton on CUDA when available, else torch), "reference", "torch",
             "triton" (CUDA, or the CPU under TRITON_INTERPRET=1).
         return_ere: also return the (B, K) ERE trace, e_sigma_k at x before step k.
+        cuda_graph: run the fused loop ("torch", "triton") as a CUDA graph, captured on the
+            first call and replayed by later calls with the same score, config, batch shape,
+            dtype and options (`pursamere_fast.graphs`). "auto": on CUDA, for nn.Module scores
+            (or their bound methods), falling back to eager with a warning when capture fails
+            (a score that syncs with the host). True: always capture, raise when it fails.
+            False: eager.
+        score_dtype: None (the score runs in the input's precision) or torch.bfloat16: the
+            score network runs under bf16 autocast; the ERE, the gradients the loop reduces,
+            Adam's state and the iterate stay float32. Needs a float32/16 input, not float64.
+        channels_last: feed the score channels_last inputs and, for an nn.Module score,
+            convert its 4-D parameters and buffers to channels_last in place (values
+            unchanged; the usual recipe for tensor-core convolutions).
+        compile_score: run the score through torch.compile (compiled once per score and
+            options; the first call pays the compilation). An nn.Module score is called with
+            detached parameters so the compiled backward computes the input gradient only.
 
     Returns:
         x_pur with the shape, dtype and device of x_adv (and the ERE trace if asked; float32,
         or float64 for float64 inputs).
 
     Raises:
-        ValueError: bad input, config, noise, backend, or a score returning the wrong shape.
+        ValueError: bad input, config, noise, backend, option, or a score returning the wrong
+            shape.
         NonFiniteScoreError: the score produced NaN/Inf; the message names the step and sigma.
+        RuntimeError: cuda_graph=True and the loop could not be captured.
     """
     config = (config or PurifyConfig()).with_overrides(**overrides)
     _check_images(x_adv)
     backend = _resolve_backend(backend, x_adv.device)
+    use_graph = _resolve_cuda_graph(cuda_graph, backend, x_adv.device, score)
+    _check_score_options(score_dtype, channels_last, compile_score, x_adv.dtype)
     compute = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
     shape = (config.num_steps, config.n_samples, *x_adv.shape[1:])
     if noise is None:
@@ -75,6 +97,8 @@ def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=
     else:
         _check_noise(noise, shape)
         noise = noise.to(device=x_adv.device, dtype=x_adv.dtype)
+    options = graphs.ScoreOptions(score_dtype, channels_last, compile_score)
+    score_fn = graphs.prepare_score(score, options)
     # Autograd is needed inside even when the caller runs under no_grad or inference_mode.
     with torch.inference_mode(False), torch.enable_grad():
         noise = noise.to(compute).clone()
@@ -82,9 +106,19 @@ def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=
         for chunk in x_adv.split(config.max_batch):
             chunk = chunk.detach().to(compute).clone()
             if backend == "reference":
-                x, trace, trace_sam = *purify_reference(chunk, score, config, noise), None
+                x, trace, trace_sam = *purify_reference(chunk, score_fn, config, noise), None
+            elif use_graph:
+                def make_loop(chunk=chunk):
+                    return _FusedLoop(score_fn, config, chunk.shape, chunk.dtype, chunk.device, backend)
+
+                x, trace, trace_sam = graphs.run_graphed(
+                    make_loop, chunk, noise, score=score, key=(config, backend, options), strict=cuda_graph is True
+                )
             else:
-                x, trace, trace_sam = _fused_loop(chunk, score, config, noise, backend)
+                loop = _FusedLoop(score_fn, config, chunk.shape, chunk.dtype, chunk.device, backend)
+                loop.load(chunk, noise)
+                loop.run()
+                x, trace, trace_sam = loop.result()
             _check_finite_trace(trace, trace_sam, config)
             outs.append(x)
             traces.append(trace)
@@ -94,62 +128,110 @@ def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=
     return x_pur
 
 
-def _fused_loop(x_adv, score, config, noise, backend):
-    """The loop with preallocated buffers and device-side schedules; returns (x, trace, trace_sam)."""
-    if backend == "triton":
-        ere_residual, mc_reduce_sam, adam_project = kernels.ere_residual, kernels.mc_reduce_sam, kernels.adam_project
-    else:
-        ere_residual = kernels.ere_residual_torch
-        mc_reduce_sam = kernels.mc_reduce_sam_torch
-        adam_project = kernels.adam_project_torch
-    b, img = x_adv.shape[0], x_adv.shape[1:]
-    n, d, k_total = config.n_samples, math.prod(img), config.num_steps
-    dev, dt = x_adv.device, x_adv.dtype
-    b1, b2 = config.betas
-    sam = config.sam_radius > 0
+class _FusedLoop:
+    """The fused loop's buffers and one step of it, with the step index on the device.
 
-    sig_t = torch.tensor(config.step_sigmas(), dtype=dt, device=dev)
-    lr_t = torch.tensor(config.step_lrs(), dtype=dt, device=dev)
-    bc1_t = torch.tensor([1 - b1 ** (k + 1) for k in range(k_total)], dtype=dt, device=dev)
-    bc2_t = torch.tensor([1 - b2 ** (k + 1) for k in range(k_total)], dtype=dt, device=dev)
-    eps_all = noise.view(k_total, n, d)
-    xa = x_adv.view(b, d)
-    x = xa.clone()
-    m, v, g = torch.zeros_like(x), torch.zeros_like(x), torch.empty_like(x)
-    y = torch.empty(b, n, d, dtype=dt, device=dev)
-    y_sam = torch.empty_like(y) if sam else None
-    dlds = torch.empty(b * n, d, dtype=dt, device=dev)
-    sqnorm = torch.empty(b * n, dtype=dt, device=dev)
-    trace = torch.empty(k_total, b, dtype=dt, device=dev)
-    trace_sam = torch.empty(k_total, b, dtype=dt, device=dev) if sam else None
+    Every buffer is allocated in the constructor. Each step reads its index k from a device
+    tensor (`idx` = [k, k+1]), gathers sigma_k, lr_k, the Adam bias corrections, sigma_k+1
+    and the noise slices k, k+1 from device tables into fixed buffers, and advances the
+    index, so one code path serves three executions: `run()` K times eagerly, one step
+    captured in a CUDA graph and replayed K times, or K steps captured in one graph
+    (`pursamere_fast.graphs`). The noise table has a zero slice K so that the last step's
+    write of the "next" perturbed batch needs no branch (it is never read).
+    """
 
-    def score_vjp(y_batch, sigma, eps, trace_row):
-        # dL/dy for L = sum_b e_b; the ERE itself goes to trace_row as a by-product.
-        yl = y_batch.view(b * n, *img).detach().requires_grad_(True)
-        s = score(yl, sigma.expand(b * n))
+    def __init__(self, score, config, shape, dtype, device, backend):
+        if backend == "triton":
+            self._ops = kernels.ere_residual, kernels.mc_reduce_sam, kernels.adam_project
+        else:
+            self._ops = kernels.ere_residual_torch, kernels.mc_reduce_sam_torch, kernels.adam_project_torch
+        self.score, self.config = score, config
+        b, img = shape[0], tuple(shape[1:])
+        n, d, k_total = config.n_samples, math.prod(img), config.num_steps
+        self.b, self.n, self.d, self.img, self.num_steps = b, n, d, img, k_total
+        self.device, self.dtype = torch.device(device), dtype
+        b1, b2 = config.betas
+        sam = config.sam_radius > 0
+        sigmas, lrs = config.step_sigmas(), config.step_lrs()
+        # Columns: sigma_k, lr_k, 1 - b1^(k+1), 1 - b2^(k+1), sigma_(k+1) (0 after the last step).
+        rows = [(sigmas[k], lrs[k], 1 - b1 ** (k + 1), 1 - b2 ** (k + 1), nxt)
+                for k, nxt in zip(range(k_total), sigmas[1:] + [0.0])]
+        empty = dict(dtype=dtype, device=self.device)
+        self.sched = torch.tensor(rows, **empty)
+        self.eps_all = torch.zeros(k_total + 1, n, d, **empty)
+        self.idx = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self._idx0 = torch.arange(2, device=self.device)
+        self.cur = torch.empty(1, 5, **empty)
+        self.eps_pair = torch.empty(2, n, d, **empty)
+        self.sigma, self.lr, self.bc1, self.bc2, self.sigma_next = self.cur[0].unbind()
+        self.sigma_rows = self.sigma.expand(b * n)
+        self.eps, self.eps_next = self.eps_pair.unbind()
+        self.xa = torch.empty(b, d, **empty)
+        self.x, self.m, self.v, self.g = (torch.empty_like(self.xa) for _ in range(4))
+        self.y = torch.empty(b, n, d, **empty)
+        self.y_sam = torch.empty_like(self.y) if sam else None
+        self.dlds = torch.empty(b * n, d, **empty)
+        self.sqnorm = torch.empty(b * n, **empty)
+        self.ere_row = torch.empty(1, b, **empty)
+        self.trace = torch.empty(k_total, b, **empty)
+        self.trace_sam = torch.empty(k_total, b, **empty) if sam else None
+
+    def load(self, x_adv, noise):
+        """Copy a (b, C, H, W) batch and (K, N, C, H, W) noise in and reset the state to step 0."""
+        self.xa.copy_(x_adv.reshape(self.b, self.d))
+        self.eps_all[: self.num_steps].copy_(noise.reshape(self.num_steps, self.n, self.d))
+        self.reset()
+
+    def reset(self):
+        """x = x_adv, m = v = 0, k = 0, and the first perturbed batch; no host sync."""
+        self.x.copy_(self.xa)
+        self.m.zero_()
+        self.v.zero_()
+        self.idx.copy_(self._idx0)
+        torch.addcmul(self.x.unsqueeze(1), self.sched[0, 0], self.eps_all[0].unsqueeze(0), out=self.y)
+
+    def step(self):
+        """One step of SPEC section 2 at the device-side index k, then k += 1."""
+        ere_residual, mc_reduce_sam, adam_project = self._ops
+        cfg = self.config
+        torch.index_select(self.sched, 0, self.idx[:1], out=self.cur)
+        torch.index_select(self.eps_all, 0, self.idx, out=self.eps_pair)
+        gy = self._score_vjp(self.y, self.trace)
+        if self.y_sam is not None:
+            mc_reduce_sam(gy, self.x, self.eps, self.sigma, cfg.sam_radius, cfg.norm, self.g, self.y_sam)
+            gy = self._score_vjp(self.y_sam, self.trace_sam)
+        mc_reduce_sam(gy, self.x, self.eps, self.sigma, 0.0, cfg.norm, self.g)
+        adam_project(self.x, self.xa, self.m, self.v, self.g, self.lr, self.bc1, self.bc2,
+                     beta1=cfg.betas[0], beta2=cfg.betas[1], adam_eps=cfg.adam_eps, rho=cfg.rho, norm=cfg.norm,
+                     y_next=self.y, eps_next=self.eps_next, sigma_next=self.sigma_next)
+        self.idx.add_(1)
+
+    def run(self):
+        """All K steps, eagerly."""
+        for _ in range(self.num_steps):
+            self.step()
+
+    def result(self):
+        """(x, trace, trace_sam): views of the buffers, (b, C, H, W), (b, K), (b, K) or None."""
+        trace_sam = None if self.trace_sam is None else self.trace_sam.t()
+        return self.x.view(self.b, *self.img), self.trace.t(), trace_sam
+
+    def _score_vjp(self, y, trace):
+        # dL/dy for L = sum_b e_b; the ERE itself goes to row k of `trace` as a by-product.
+        b, n, d = self.b, self.n, self.d
+        yl = y.view(b * n, *self.img).detach().requires_grad_(True)
+        s = self.score(yl, self.sigma_rows)
         if not isinstance(s, torch.Tensor) or s.shape != yl.shape:
             got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
             raise ValueError(f"score returned shape {got}, expected {tuple(yl.shape)}")
-        s = s.to(dt)
-        ere_residual(s.detach().view(b * n, d), eps, sigma, n, dlds, sqnorm)
-        torch.mean(sqnorm.view(b, n), dim=1, out=trace_row)
-        (gy,) = torch.autograd.grad(s, yl, grad_outputs=dlds.view_as(s))
-        return gy.view(b, n, d)
-
-    torch.addcmul(x.unsqueeze(1), sig_t[0], eps_all[0].unsqueeze(0), out=y)
-    for k in range(k_total):
-        sigma, eps = sig_t[k], eps_all[k]
-        gy = score_vjp(y, sigma, eps, trace[k])
-        if sam:
-            mc_reduce_sam(gy, x, eps, sigma, config.sam_radius, config.norm, g, y_sam)
-            gy = score_vjp(y_sam, sigma, eps, trace_sam[k])
-        mc_reduce_sam(gy, x, eps, sigma, 0.0, config.norm, g)
-        nxt = {}
-        if k + 1 < k_total:
-            nxt = dict(y_next=y, eps_next=eps_all[k + 1], sigma_next=sig_t[k + 1])
-        adam_project(x, xa, m, v, g, lr_t[k], bc1_t[k], bc2_t[k], beta1=b1, beta2=b2,
-                     adam_eps=config.adam_eps, rho=config.rho, norm=config.norm, **nxt)
-    return x.view_as(x_adv), trace.t(), None if trace_sam is None else trace_sam.t()
+        s = s.to(self.dtype)
+        ere_residual, _, _ = self._ops
+        ere_residual(s.detach().reshape(b * n, d), self.eps, self.sigma, n, self.dlds, self.sqnorm)
+        torch.mean(self.sqnorm.view(b, n), dim=1, out=self.ere_row[0])
+        trace.index_copy_(0, self.idx[:1], self.ere_row)
+        (gy,) = torch.autograd.grad(s, yl, grad_outputs=self.dlds.view_as(s))
+        # reshape, not view: a channels_last score hands back a channels_last gradient.
+        return gy.reshape(b, n, d)
 
 
 def _check_finite_trace(trace, trace_sam, config):
@@ -163,6 +245,34 @@ def _check_finite_trace(trace, trace_sam, config):
             f"score produced NaN/Inf at step {k} (sigma={config.step_sigmas()[k]:.6g}); "
             "check the score model at this noise level"
         )
+
+
+def _resolve_cuda_graph(cuda_graph, backend, device, score):
+    """Whether this call runs the fused loop as a CUDA graph (see `purify`)."""
+    if not (cuda_graph is True or cuda_graph is False or (isinstance(cuda_graph, str) and cuda_graph == "auto")):
+        raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+    if cuda_graph is True:
+        if backend == "reference":
+            raise ValueError("cuda_graph=True needs a fused backend ('torch' or 'triton'), got backend='reference'")
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got x_adv on {device}")
+        return True
+    if cuda_graph is False:
+        return False
+    # A plain function may close over tensors or Python state that the graph would freeze
+    # unseen; a module's parameters and buffers are fingerprinted (graphs.run_graphed).
+    return backend != "reference" and device.type == "cuda" and graphs.module_of(score) is not None
+
+
+def _check_score_options(score_dtype, channels_last, compile_score, input_dtype):
+    if score_dtype is not None and score_dtype != torch.bfloat16:
+        raise ValueError(f"score_dtype must be None or torch.bfloat16, got {score_dtype!r}")
+    if score_dtype is not None and input_dtype == torch.float64:
+        raise ValueError("score_dtype=torch.bfloat16 needs a float32 (or lower precision) x_adv: the float64 path "
+                         "exists to match the reference exactly; got x_adv of dtype torch.float64")
+    for name, value in (("channels_last", channels_last), ("compile_score", compile_score)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def _resolve_backend(backend, device):

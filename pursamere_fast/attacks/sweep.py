@@ -1,0 +1,279 @@
+"""Validation sweep of PurSAMERE configs, the rule that picks one, and result collection.
+
+The recommended config is chosen on a validation split carved from the END of the
+Fashion-MNIST training set (`validation_split`), never on the test set:
+
+    python -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep.toml
+    python -m pursamere_fast.attacks.sweep collect --out results/fmnist runs/fmnist/test_*
+
+Selection rule (`choose_config`): among the configs whose clean accuracy is at most
+`clean_tol` below the undefended classifier's (or one sample, whichever is larger, so that a
+small n does not rule out everything for one image), take the highest BPDA-det robust
+accuracy; ties go to the higher gray-box robust accuracy, then to the cheaper config
+(fewer score evaluations per purification), then to the earlier config of the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .cli import _float, load_object
+from .runner import _all_rows, evaluate, markdown_table, plot_summary
+from .stats import wilson_interval
+from .threats import AttackSpec, Defence, grid
+
+
+def validation_split(size: int = 256, root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last `size` images of the Fashion-MNIST training set (the validation split).
+
+    Args:
+        size: number of images, 1..60000.
+        root: Fashion-MNIST directory (None: see `pursamere_fast.data.load_fashion_mnist`).
+
+    Returns:
+        (images float32 (size, 1, 28, 28) in [0, 1], labels int64 (size,)), in file order.
+
+    Raises:
+        ValueError: size out of range, or the loader's errors.
+    """
+    from pursamere_fast.data import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("train", root)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= len(images):
+        raise ValueError(f"size must be an int in 1..{len(images)}, got {size!r}")
+    return torch.from_numpy(images[-size:].copy()), torch.from_numpy(labels[-size:].copy())
+
+
+def config_grid(axes: Mapping[str, Sequence]) -> list[dict]:
+    """Cartesian product of PurifyConfig overrides, first axis outermost.
+
+    Args:
+        axes: field name -> non-empty list of values.
+
+    Returns:
+        One dict of overrides per grid point.
+
+    Raises:
+        ValueError: when an axis is empty or not a list.
+    """
+    for k, v in axes.items():
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError(f"grid axis {k!r} must be a non-empty list, got {v!r}")
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def config_name(overrides: Mapping) -> str:
+    """Label of a grid point, e.g. "rho=16/255,sam_radius=4/255" (multiples of 1/255 shown so)."""
+    parts = []
+    for k, v in overrides.items():
+        if isinstance(v, float) and v > 0 and abs(v * 255 - round(v * 255)) < 1e-6:
+            v = f"{round(v * 255)}/255"
+        parts.append(f"{k}={v}")
+    return ",".join(parts) or "base"
+
+
+def evaluations_per_purification(config) -> int:
+    """Score forward+backward passes per image of one purification: K * N * (2 with SAM, else 1)."""
+    return config.num_steps * config.n_samples * (2 if config.sam_radius > 0 else 1)
+
+
+def choose_config(summary: Sequence[dict], candidates: Mapping[str, int], *, undefended: str, clean: str,
+                  robust: str, tiebreak: str, clean_tol: float = 0.02) -> dict:
+    """Pick the config by the module's selection rule.
+
+    Args:
+        summary: entries with defence, attack, n, clean_acc, robust_acc (as `evaluate` returns).
+        candidates: defence name -> its cost (score evaluations per purification).
+        undefended: defence name of the undefended classifier.
+        clean: attack label whose clean accuracy is compared (e.g. "clean").
+        robust: attack label to maximise (BPDA-det).
+        tiebreak: attack label of the first tie-break (gray-box).
+        clean_tol: allowed clean-accuracy drop below the undefended one, in [0, 1].
+
+    Returns:
+        {"chosen": name or None, "allowed_drop", "undefended_clean", "rows": [per-candidate dict]}.
+
+    Raises:
+        ValueError: bad clean_tol, or a needed entry is missing or has n = 0.
+    """
+    if not isinstance(clean_tol, (int, float)) or not 0 <= clean_tol <= 1:
+        raise ValueError(f"clean_tol must be in [0, 1], got {clean_tol!r}")
+    acc = {(e["defence"], e["attack"]): e for e in summary}
+
+    def get(defence: str, attack: str) -> dict:
+        e = acc.get((defence, attack))
+        if e is None or not e["n"]:
+            raise ValueError(f"summary has no rows for defence {defence!r}, attack {attack!r}")
+        return e
+
+    base = get(undefended, clean)
+    allowed = max(clean_tol, 1 / base["n"])
+    rows = []
+    for order, (name, cost) in enumerate(candidates.items()):
+        c, r, t = get(name, clean), get(name, robust), get(name, tiebreak)
+        rows.append({"defence": name, "cost": cost, "n": r["n"], "clean_acc": c["clean_acc"],
+                     "robust_acc": r["robust_acc"], "robust_ci": r["robust_ci"], "tiebreak_acc": t["robust_acc"],
+                     "eligible": c["clean_acc"] >= base["clean_acc"] - allowed - 1e-12, "order": order})
+    eligible = [r for r in rows if r["eligible"]]
+    best = max(eligible, key=lambda r: (r["robust_acc"], r["tiebreak_acc"], -r["cost"], -r["order"]), default=None)
+    return {"chosen": None if best is None else best["defence"], "allowed_drop": allowed,
+            "undefended_clean": base["clean_acc"], "rows": rows}
+
+
+def collect(out_dirs: Sequence[str], z: float = 1.96) -> list[dict]:
+    """Summaries of the rows on disk in several run directories (finished or interrupted runs).
+
+    Args:
+        out_dirs: directories written by `evaluate`.
+        z: normal quantile of the Wilson interval.
+
+    Returns:
+        One entry per (directory, defence, attack) with n, clean and robust accuracy and
+        their intervals, plus the defence description from the run's manifest.
+    """
+    out = []
+    for d in out_dirs:
+        manifest = {}
+        path = os.path.join(d, "manifest.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                manifest = json.load(f).get("settings", {})
+        groups: dict[tuple[str, str], list[dict]] = {}
+        for r in _all_rows(d):
+            groups.setdefault((r["defence"], r["attack"]), []).append(r)
+        for (defence, attack), rs in groups.items():
+            first = rs[0]
+            e = {"run": d, "defence": defence, "attack": attack, "n": len(rs),
+                 **{k: first[k] for k in ("threat", "norm", "eps", "steps", "step_size", "restarts", "eot")},
+                 "description": manifest.get(f"{defence} | {attack}", {}).get("defence", {})}
+            for what, field in (("clean", "clean_correct"), ("robust", "robust_correct")):
+                k = sum(bool(r[field]) for r in rs)
+                e[f"{what}_correct"], e[f"{what}_acc"] = k, k / len(rs)
+                e[f"{what}_ci"] = list(wilson_interval(k, len(rs), z))
+            out.append(e)
+    return out
+
+
+def _cost_of(description: Mapping) -> int | None:
+    if description.get("kind") != "pursamere":
+        return None
+    k = len(description["sigmas"]) * description["steps_per_sigma"]
+    return k * description["n_samples"] * (2 if description["sam_radius"] > 0 else 1)
+
+
+def _run(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m pursamere_fast.attacks.sweep run",
+                                description="Evaluate a grid of PurSAMERE configs on a validation split and pick one.")
+    p.add_argument("--config", required=True, help="TOML: classifier, score, data, purify_config, out, n, "
+                   "batch_size, clean_tol, [data_kwargs], [grid] (field -> list), [[attack]] (AttackSpec fields), "
+                   "select = {clean, robust, tiebreak} attack labels")
+    p.add_argument("--n", type=int, default=None, help="override n of the TOML")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    with open(args.config, "rb") as f:
+        cfg = tomllib.load(f)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    classifier = load_object(cfg["classifier"], cfg.get("classifier_kwargs"))
+    score = load_object(cfg["score"], cfg.get("score_kwargs"))
+    data = load_object(cfg["data"], cfg.get("data_kwargs"))
+    base = load_object(cfg["purify_config"]) if "purify_config" in cfg else None
+    n = args.n if args.n is not None else cfg.get("n", len(data[0]))
+    fixed = {k: (_float(v) if isinstance(v, str) else v) for k, v in cfg.get("pursamere", {}).items()}
+    axes = {k: [_float(v) if isinstance(v, str) else v for v in vs] for k, vs in cfg["grid"].items()}
+    points = config_grid(axes)
+    defences, costs = [Defence.none()], {}
+    for point in points:
+        d = Defence.pursamere(score, base, name=config_name(point), **fixed, **point)
+        defences.append(d)
+        costs[d.name] = _cost_of(d.description)
+    attacks = [AttackSpec(**{k: (_float(v) if k in ("eps", "alpha") and isinstance(v, str) else v)
+                             for k, v in a.items()}) for a in cfg["attack"]]
+    out_dir = cfg["out"]
+    summary = evaluate(classifier, data, grid(defences, attacks), out_dir=out_dir, indices=range(n),
+                       batch_size=cfg.get("batch_size", 16), progress=not args.no_progress)
+    sel = cfg["select"]
+    choice = choose_config(summary, costs, undefended="none", clean=sel["clean"], robust=sel["robust"],
+                           tiebreak=sel["tiebreak"], clean_tol=cfg.get("clean_tol", 0.02))
+    chosen = None if choice["chosen"] is None else dict(points[list(costs).index(choice["chosen"])])
+    report = {"choice": choice, "chosen_overrides": chosen, "fixed_overrides": fixed, "summary": summary}
+    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, "sweep.md"), "w") as f:
+        f.write(sweep_markdown(choice) + "\n" + markdown_table(summary))
+    sys.stdout.write(sweep_markdown(choice))
+    return 0
+
+
+def sweep_markdown(choice: Mapping) -> str:
+    """Markdown table of a `choose_config` result, the chosen row marked."""
+    lines = [f"undefended clean accuracy {100 * choice['undefended_clean']:.1f}%; allowed drop "
+             f"{100 * choice['allowed_drop']:.1f} pp; chosen: {choice['chosen']}", "",
+             "| config | score evals / purification | n | clean % | gray-box robust % | BPDA-det robust % [95% CI] "
+             "| eligible | chosen |", "|---|---|---|---|---|---|---|---|"]
+    for r in choice["rows"]:
+        lo, hi = r["robust_ci"]
+        lines.append(f"| {r['defence']} | {r['cost']} | {r['n']} | {100 * r['clean_acc']:.1f} "
+                     f"| {100 * r['tiebreak_acc']:.1f} | {100 * r['robust_acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] "
+                     f"| {'yes' if r['eligible'] else 'no'} | {'**yes**' if r['defence'] == choice['chosen'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(e: Mapping, what: str) -> str:
+    lo, hi = e[f"{what}_ci"]
+    return f"{100 * e[f'{what}_acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def collect_markdown(entries: Sequence[Mapping]) -> str:
+    """Markdown table of `collect` entries (accuracies in %, 95% Wilson intervals)."""
+    lines = ["| run | defence | attack | threat | norm | eps | steps | step size | n | clean % [95% CI] "
+             "| robust % [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        lines.append(f"| {os.path.basename(e['run'].rstrip('/'))} | {e['defence']} | {e['attack']} | {e['threat']} "
+                     f"| {e['norm']} | {e['eps']:.6g} | {e['steps']} | {e['step_size']:.4g} | {e['n']} "
+                     f"| {_fmt(e, 'clean')} | {_fmt(e, 'robust')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _collect(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m pursamere_fast.attacks.sweep collect",
+                                description="Summarise the rows of several run directories (finished or stopped) "
+                                            "into summary.json, summary.md and the accuracy plots.")
+    p.add_argument("--out", required=True, help="directory for summary.json and summary.md")
+    p.add_argument("runs", nargs="+", help="run directories")
+    args = p.parse_args(argv)
+    entries = collect(args.runs)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(entries, f, indent=1)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(collect_markdown(entries))
+    # Runs of the same defence name with different configs are told apart by their directory.
+    plot_summary([{**e, "defence": f"{os.path.basename(e['run'].rstrip('/'))}:{e['defence']}"} for e in entries],
+                 args.out)
+    sys.stdout.write(collect_markdown(entries))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: `run` (validation sweep) or `collect` (summaries of run directories)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"run": _run, "collect": _collect}
+    if not argv or argv[0] not in commands:
+        sys.stderr.write("usage: python -m pursamere_fast.attacks.sweep {run,collect} [options]\n")
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
