@@ -1,0 +1,29 @@
+"""The demo and the CLI run end to end at a tiny size and write what they promise."""
+
+import pytest
+
+from pursamere_fast import cli, demo
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_prints_table_and_writes_pngs(tmp_path, capsys):
+    assert demo.main(["--n", "4", "--pgd-steps", "1", "--bpda-steps", "1", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for row in ("clean, undefended", "gray-box PGD-1, purified", "BPDA-det PGD-1, purified", "ms per image"):
+        assert row in out
+    for name in ("demo_grid.png", "demo_ere.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_demo_rejects_bad_n(tmp_path):
+    with pytest.raises(ValueError, match="--n"):
+        demo.main(["--n", "0", "--out-dir", str(tmp_path)])
+
+
+def test_cli_example_and_usage(capsys):
+    assert cli.main(["example", "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "purified 2 images" in out and "k=  0" in out
+    assert cli.main(["nonsense"]) == 2
