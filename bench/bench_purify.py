@@ -1,9 +1,10 @@
 """Throughput of purify() per backend, beside the bare-network bound (SPEC section 4).
 
-Config (issue 2): ConvScoreNet (4 conv layers, 32 channels) at 28x28x1 and 32x32x3,
-B=16, N=8, K=20, SAM on. Each run records images/s and
-efficiency = t_network / t_purify, where t_network is the median time of the same number of
-bare score forward + input-backward passes on the same B*N batch, in the same process.
+Config: ConvScoreNet (4 conv layers, 32 channels) at 28x28x1 and 32x32x3, B=16, N=8, K=20,
+SAM on. Each run records images/s and efficiency = t_network / t_purify, where t_network is
+the median time of the same number of bare score forward + input-backward passes on the same
+B*N batch, timed in alternation with purify in the same process (so both see the same
+machine load).
 """
 
 import statistics
@@ -18,7 +19,8 @@ from pursamere_fast.nets import ConvScoreNet
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 BATCH, N_SAMPLES, STEPS = (2, 2, 2) if TINY else (16, 8, 20)
-ROUNDS = 1 if TINY else 5
+# 3 rounds on the CPU keep `pytest bench/ --benchmark-only` near 10 minutes on 2 cores.
+ROUNDS = 1 if TINY else (5 if torch.cuda.is_available() else 3)
 
 
 def bench_config():
@@ -37,8 +39,9 @@ def network_pass_count(cfg):
     return cfg.num_steps * (2 if cfg.sam_radius > 0 else 1)
 
 
-def time_network(score, x, cfg, reps):
-    """Median seconds of the bare network work of one purify: forward + input-backward passes."""
+def network_runner(score, x, cfg):
+    """The bare network work of one purify: the same number of forward + input-backward
+    passes on the same B*N batch."""
     y = x.repeat_interleave(cfg.n_samples, 0)
     sigma = torch.full((y.shape[0],), cfg.sigmas[0], device=x.device)
     upstream = torch.randn_like(y)
@@ -49,13 +52,29 @@ def time_network(score, x, cfg, reps):
             torch.autograd.grad(score(yl, sigma), yl, upstream)
         sync(x.device)
 
-    run()
+    return run
+
+
+def interleaved(benchmark, timed, other):
+    """Benchmark `timed` with `other` run and timed before every round (pytest-benchmark's
+    untimed setup), so that both see the same machine state; returns other's times."""
     times = []
-    for _ in range(reps):
+
+    def setup():
         t0 = time.perf_counter()
-        run()
+        other()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    benchmark.pedantic(timed, setup=setup, rounds=ROUNDS, warmup_rounds=1)
+    return times
+
+
+def purify_runner(score, x, cfg, backend):
+    def run():
+        purify(x, score, cfg, backend=backend)
+        sync(x.device)
+
+    return run
 
 
 def backends(device):
@@ -65,24 +84,36 @@ def backends(device):
     return names
 
 
+def median_or_nan(benchmark):
+    return benchmark.stats.stats.median if benchmark.stats else float("nan")
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 def test_purify_throughput(benchmark, bench_device, backend, shape):
+    """purify per backend; efficiency against the bare network timed in alternation with it."""
     if backend not in backends(bench_device) and not TINY:
         pytest.skip("triton is benchmarked on CUDA only: the CPU interpreter is not a performance path")
     cfg = bench_config()
     score, x = setup(shape, bench_device)
-
-    def run():
-        out = purify(x, score, cfg, backend=backend)
-        sync(bench_device)
-        return out
-
-    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
-    t_net = time_network(score, x, cfg, reps=ROUNDS)
-    t_pur = benchmark.stats.stats.median if benchmark.stats else float("nan")
+    t_net = statistics.median(interleaved(benchmark, purify_runner(score, x, cfg, backend),
+                                          network_runner(score, x, cfg)))
+    t_pur = median_or_nan(benchmark)
     benchmark.extra_info.update(
         device=str(bench_device), backend=backend, shape=list(shape), batch=BATCH, n_samples=N_SAMPLES,
-        steps=cfg.num_steps, sam=True, images_per_s=BATCH / t_pur, t_network_s=t_net,
-        efficiency=t_net / t_pur, network_passes=network_pass_count(cfg),
+        steps=cfg.num_steps, sam=True, threads=torch.get_num_threads(), images_per_s=BATCH / t_pur,
+        t_network_s=t_net, efficiency=t_net / t_pur, network_passes=network_pass_count(cfg),
     )
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_vs_reference(benchmark, bench_device, shape):
+    """The fused loop timed in alternation with the reference: speedup = t_reference / t_fused."""
+    cfg = bench_config()
+    score, x = setup(shape, bench_device)
+    fused = "triton" if "triton" in backends(bench_device) else "torch"
+    t_ref = statistics.median(interleaved(benchmark, purify_runner(score, x, cfg, fused),
+                                          purify_runner(score, x, cfg, "reference")))
+    benchmark.extra_info.update(device=str(bench_device), backend=fused, shape=list(shape),
+                                threads=torch.get_num_threads(), t_reference_s=t_ref,
+                                speedup_vs_reference=t_ref / median_or_nan(benchmark))
