@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from conftest import synced
 
 from pursamere_fast.kernels import adam_project, adam_project_torch, use_triton
 from pursamere_fast.reference.adam_project import adam_project as adam_project_ref
@@ -61,14 +62,7 @@ def make_call(impl, norm, y_next, b, n, d, device, dtype=torch.float32):
 
         def op():
             fn(x, x_adv, m, v, g, sched[0], sched[1], sched[2], rho=rho, norm=norm, **CONSTANTS, **nxt)
-    if device.type != "cuda":
-        return op
-
-    def call():
-        op()
-        torch.cuda.synchronize(device)
-
-    return call
+    return synced(op, device)
 
 
 def run(benchmark, impl, norm, y_next, device, b, n, d, dtype=torch.float32):

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from conftest import synced
 
 from pursamere_fast.kernels import ere_residual, ere_residual_torch, use_triton
 from pursamere_fast.reference.ere_residual import ere_residual as ere_residual_ref
@@ -44,14 +45,7 @@ def make_call(impl, b, n, d, device, dtype=torch.float32):
 
         def op():
             fn(s, eps, sig_t[1], n, grad, sqnorm)
-    if device.type != "cuda":
-        return op
-
-    def call():
-        op()
-        torch.cuda.synchronize(device)
-
-    return call
+    return synced(op, device)
 
 
 def run(benchmark, impl, device, b, n, d, dtype=torch.float32):

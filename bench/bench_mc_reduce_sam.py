@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from conftest import synced
 
 from pursamere_fast.kernels import mc_reduce_sam, mc_reduce_sam_torch, use_triton
 from pursamere_fast.reference.mc_reduce_sam import mc_reduce_sam as mc_reduce_sam_ref
@@ -53,14 +54,7 @@ def make_call(impl, mode, b, n, d, device, dtype=torch.float32):
 
         def op():
             fn(gy, x, eps, sig_t[1], radius, norm, g, y)
-    if device.type != "cuda":
-        return op
-
-    def call():
-        op()
-        torch.cuda.synchronize(device)
-
-    return call
+    return synced(op, device)
 
 
 def run(benchmark, impl, mode, device, b, n, d, dtype=torch.float32):

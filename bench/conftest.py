@@ -21,3 +21,15 @@ def bench_device():
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def synced(op, device):
+    """`op` followed by a device sync on CUDA: what a benchmark must time."""
+    if device.type != "cuda":
+        return op
+
+    def call():
+        op()
+        torch.cuda.synchronize(device)
+
+    return call
