@@ -129,12 +129,15 @@ def choose_config(summary: Sequence[dict], candidates: Mapping[str, int], *, und
             "undefended_clean": base["clean_acc"], "rows": rows}
 
 
-def collect(out_dirs: Sequence[str], z: float = 1.96) -> list[dict]:
+def collect(out_dirs: Sequence[str], z: float = 1.96, complete_only: bool = True) -> list[dict]:
     """Summaries of the rows on disk in several run directories (finished or interrupted runs).
 
     Args:
         out_dirs: directories written by `evaluate`.
         z: normal quantile of the Wilson interval.
+        complete_only: keep, per directory, only the samples that have a row for every
+            setting of that directory, so that a run stopped inside a batch compares its
+            settings on the same images.
 
     Returns:
         One entry per (directory, defence, attack) with n, clean and robust accuracy and
@@ -150,7 +153,12 @@ def collect(out_dirs: Sequence[str], z: float = 1.96) -> list[dict]:
         groups: dict[tuple[str, str], list[dict]] = {}
         for r in _all_rows(d):
             groups.setdefault((r["defence"], r["attack"]), []).append(r)
+        if complete_only and groups:
+            common = set.intersection(*({r["index"] for r in rs} for rs in groups.values()))
+            groups = {k: [r for r in rs if r["index"] in common] for k, rs in groups.items()}
         for (defence, attack), rs in groups.items():
+            if not rs:
+                continue
             first = rs[0]
             e = {"run": d, "defence": defence, "attack": attack, "n": len(rs),
                  **{k: first[k] for k in ("threat", "norm", "eps", "steps", "step_size", "restarts", "eot")},
@@ -250,9 +258,11 @@ def _collect(argv: Sequence[str]) -> int:
                                 description="Summarise the rows of several run directories (finished or stopped) "
                                             "into summary.json, summary.md and the accuracy plots.")
     p.add_argument("--out", required=True, help="directory for summary.json and summary.md")
+    p.add_argument("--all-rows", action="store_true",
+                   help="keep every row (default: per directory, only samples with a row for every setting)")
     p.add_argument("runs", nargs="+", help="run directories")
     args = p.parse_args(argv)
-    entries = collect(args.runs)
+    entries = collect(args.runs, complete_only=not args.all_rows)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(entries, f, indent=1)

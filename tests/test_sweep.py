@@ -1,0 +1,162 @@
+"""Validation sweep: the split, the grid, the selection rule, a toy end-to-end run, collection."""
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from pursamere_fast.attacks import sweep
+
+
+def _write_train_idx(directory, n):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    for name, arr, code in (("train-images-idx3-ubyte.gz", images, 0x08), ("train-labels-idx1-ubyte.gz", labels, 0x08)):
+        header = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+        (directory / name).write_bytes(gzip.compress(header + arr.tobytes()))
+    return images, labels
+
+
+def test_validation_split_is_the_end_of_the_training_set(tmp_path):
+    images, labels = _write_train_idx(tmp_path, 10)
+    x, y = sweep.validation_split(3, root=tmp_path)
+    assert x.dtype == torch.float32 and x.shape == (3, 1, 28, 28)
+    assert torch.equal(x[:, 0], torch.from_numpy(images[-3:].astype(np.float32) / 255))
+    assert y.tolist() == labels[-3:].tolist()
+    for bad in (0, 11, 2.0):
+        with pytest.raises(ValueError, match="size"):
+            sweep.validation_split(bad, root=tmp_path)
+
+
+def test_config_grid_and_names():
+    points = sweep.config_grid({"rho": [8 / 255, 16 / 255], "sam_radius": [0.0, 4 / 255, 8 / 255]})
+    assert len(points) == 6
+    assert points[0] == {"rho": 8 / 255, "sam_radius": 0.0} and points[-1] == {"rho": 16 / 255, "sam_radius": 8 / 255}
+    assert sweep.config_name(points[1]) == "rho=8/255,sam_radius=4/255"
+    assert sweep.config_name({"n_samples": 8, "lr_max": 0.02}) == "n_samples=8,lr_max=0.02"
+    with pytest.raises(ValueError, match="rho"):
+        sweep.config_grid({"rho": []})
+
+
+def _entry(defence, attack, n, clean, robust):
+    return {"defence": defence, "attack": attack, "n": n, "clean_acc": clean, "robust_acc": robust,
+            "robust_ci": [0.0, 1.0]}
+
+
+def _summary(rows, n=100):
+    out = [_entry("none", "clean", n, 0.90, 0.90)]
+    for name, clean, gray, bpda in rows:
+        out += [_entry(name, "clean", n, clean, clean), _entry(name, "gpgd", n, clean, gray),
+                _entry(name, "bpda", n, clean, bpda)]
+    return out
+
+
+def _choose(summary, costs, **kw):
+    return sweep.choose_config(summary, costs, undefended="none", clean="clean", robust="bpda", tiebreak="gpgd", **kw)
+
+
+def test_choose_maximises_bpda_within_the_clean_tolerance():
+    summary = _summary([("a", 0.89, 0.5, 0.40), ("b", 0.85, 0.7, 0.60), ("c", 0.885, 0.6, 0.45)])
+    choice = _choose(summary, {"a": 10, "b": 10, "c": 10})
+    # b has the best BPDA accuracy but loses 5 pp clean: not eligible.
+    assert choice["chosen"] == "c"
+    assert [r["eligible"] for r in choice["rows"]] == [True, False, True]
+    assert _choose(summary, {"a": 10, "b": 10, "c": 10}, clean_tol=0.06)["chosen"] == "b"
+
+
+def test_choose_ties_go_to_gray_box_then_cost_then_order():
+    summary = _summary([("a", 0.9, 0.5, 0.4), ("b", 0.9, 0.6, 0.4), ("c", 0.9, 0.6, 0.4), ("d", 0.9, 0.6, 0.4)])
+    assert _choose(summary, {"a": 1, "b": 80, "c": 40, "d": 40})["chosen"] == "c"
+    assert _choose(summary, {"a": 1, "b": 80})["chosen"] == "b"
+
+
+def test_choose_allows_one_sample_at_small_n_and_reports_none_when_nothing_fits():
+    summary = _summary([("a", 0.9 - 1 / 20, 0.5, 0.4)], n=20)
+    assert _choose(summary, {"a": 1})["chosen"] == "a"
+    summary = _summary([("a", 0.9 - 2 / 20, 0.5, 0.4)], n=20)
+    assert _choose(summary, {"a": 1})["chosen"] is None
+    with pytest.raises(ValueError, match="'zz'"):
+        _choose(summary, {"zz": 1})
+    with pytest.raises(ValueError, match="clean_tol"):
+        _choose(summary, {"a": 1}, clean_tol=2)
+
+
+TOML = """\
+classifier = "pursamere_fast.attacks.toy:make_classifier"
+score = "pursamere_fast.attacks.toy:make_score"
+data = "pursamere_fast.attacks.toy:synthetic_data"
+out = "{out}"
+n = 8
+batch_size = 4
+clean_tol = 0.02
+select = {{ clean = "clean", robust = "bpda-linf-eps0.0313725-s1", tiebreak = "gpgd-linf-eps0.0313725-s1" }}
+
+[classifier_kwargs]
+train_steps = 30
+
+[data_kwargs]
+n = 8
+seed = 1
+
+[pursamere]
+sigmas = [0.3, 0.1]
+steps_per_sigma = 1
+n_samples = 2
+
+[grid]
+rho = ["0", "16/255"]
+sam_radius = ["0", "4/255"]
+
+[[attack]]
+threat = "clean"
+
+[[attack]]
+threat = "gpgd"
+eps = "8/255"
+steps = 1
+
+[[attack]]
+threat = "bpda"
+eps = "8/255"
+steps = 1
+"""
+
+
+def test_toy_sweep_runs_end_to_end_and_collects(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text(TOML.format(out=out))
+    assert sweep.main(["run", "--config", str(cfg), "--no-progress"]) == 0
+    report = json.loads((out / "sweep.json").read_text())
+    rows = {r["defence"]: r for r in report["choice"]["rows"]}
+    assert set(rows) == {"rho=0.0,sam_radius=0.0", "rho=0.0,sam_radius=4/255",
+                         "rho=16/255,sam_radius=0.0", "rho=16/255,sam_radius=4/255"}
+    # rho = 0 leaves the image as it is: the undefended clean accuracy, every rho = 0 config eligible.
+    assert rows["rho=0.0,sam_radius=0.0"]["clean_acc"] == report["choice"]["undefended_clean"]
+    assert rows["rho=0.0,sam_radius=4/255"]["eligible"]
+    assert rows["rho=16/255,sam_radius=4/255"]["cost"] == 2 * rows["rho=16/255,sam_radius=0.0"]["cost"] == 8
+    assert report["choice"]["chosen"] in rows
+    assert report["chosen_overrides"] is not None and set(report["chosen_overrides"]) == {"rho", "sam_radius"}
+    assert "chosen:" in (out / "sweep.md").read_text()
+
+    entries = sweep.collect([str(out)])
+    assert len(entries) == 5 * 3 and all(e["n"] == 8 for e in entries)
+    by = {(e["defence"], e["attack"]): e for e in entries}
+    e = by[("rho=16/255,sam_radius=4/255", "bpda-linf-eps0.0313725-s1")]
+    assert e["description"]["rho"] == pytest.approx(16 / 255) and e["threat"] == "bpda"
+    assert 0 <= e["robust_ci"][0] <= e["robust_acc"] <= e["robust_ci"][1] <= 1
+    # A run stopped inside a batch: one setting lacks a sample, so by default every setting drops it.
+    rows = (out / "rows.jsonl").read_text().splitlines()
+    victim = next(i for i, line in enumerate(rows) if json.loads(line)["attack"].startswith("bpda")
+                  and json.loads(line)["index"] == 7)
+    (out / "rows.jsonl").write_text("\n".join(rows[:victim] + rows[victim + 1:]) + "\n")
+    assert all(e["n"] == 7 for e in sweep.collect([str(out)]))
+    assert sorted({e["n"] for e in sweep.collect([str(out)], complete_only=False)}) == [7, 8]
+    assert sweep.main(["collect", "--out", str(tmp_path / "res"), str(out)]) == 0
+    assert len(json.loads((tmp_path / "res" / "summary.json").read_text())) == 15
+    assert "| sweep |" in (tmp_path / "res" / "summary.md").read_text()
+    assert (tmp_path / "res" / "acc_vs_eps.png").stat().st_size > 0
