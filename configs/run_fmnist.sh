@@ -1,45 +1,64 @@
 #!/usr/bin/env bash
-# Fashion-MNIST evaluation queue (docs/results.md): one job at a time on one CPU thread, each
+# Fashion-MNIST evaluation queue (docs/results.md). Each job runs under torchrun on
+# $NPROC processes of one CPU thread each (the runner shards batches over them) and is
 # stopped at its time budget in seconds (override with B_<NAME>=...). Rows are flushed per
 # batch and resumed on a rerun, so a stopped job keeps every finished batch and rerunning
 # the same line continues where it stopped. Run from the repository root:
-#   nohup configs/run_fmnist.sh sweep > /dev/null 2>&1 &
-#   nohup configs/run_fmnist.sh test > /dev/null 2>&1 &
-#   python -m pursamere_fast.attacks.sweep collect --out results/fmnist runs/fmnist/test_* runs/fmnist/sanity
+#   nohup configs/run_fmnist.sh sweep > /dev/null 2>&1 &   # both validation sweeps
+#   nohup configs/run_fmnist.sh test > /dev/null 2>&1 &    # the test-set rows
+#   python -m pursamere_fast.attacks.sweep collect --out results/fmnist runs/fmnist/test_none runs/fmnist/final/*
 set -u
 OUT=runs/fmnist
 LOG=$OUT/jobs.log
-mkdir -p "$OUT"
+NPROC=${NPROC:-2}
+# The ADP baseline's setting chosen by configs/fmnist_sweep_adp.toml.
+ADP=(--defences adp --adp sigma=0.05 --adp noise_std=0.05 --adp steps=5)
+NOSAM=(--pursamere sam_radius=0.0)
+mkdir -p "$OUT/final"
 export OMP_NUM_THREADS=1
 
-job() {  # name budget_s command...
+job() {  # name budget_s module-or-command args...
   local name=$1 budget=$2
   shift 2
   local t0
   t0=$(date +%s)
-  echo "$(date -u +%FT%TZ) start $name budget=${budget}s: $*" >> "$LOG"
-  nice -n 5 timeout "$budget" "$@" > "$OUT/$name.log" 2>&1
+  echo "$(date -u +%FT%TZ) start $name budget=${budget}s nproc=$NPROC: $*" >> "$LOG"
+  nice -n 5 timeout -k 30 "$budget" python -m torch.distributed.run --nproc_per_node "$NPROC" "$@" \
+    > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "$(date -u +%FT%TZ) end $name rc=$rc wall=$(( $(date +%s) - t0 ))s (rc 124: stopped at its budget)" >> "$LOG"
+}
+
+evaluate() {  # name budget_s config out extra-args...
+  local name=$1 budget=$2 config=$3 out=$4
+  shift 4
+  job "$name" "$budget" -m pursamere_fast.cli evaluate --config "$config" --out "$OUT/final/$out" "$@"
 }
 
 { date -u +%FT%TZ; sha256sum pursamere_fast/pretrained/*.safetensors pursamere_fast/pretrained/*.json; } >> "$OUT/provenance.txt"
 
 case "${1:-}" in
   sweep)
-    job sweep "${B_SWEEP:-2400}" python -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep.toml --no-progress
+    job sweep_cost "${B_SWEEP:-2400}" -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep.toml --no-progress
+    job sweep_adp "${B_SWEEP_ADP:-600}" -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep_adp.toml --no-progress
     ;;
   test)
-    job sam_linf8 "${B_SAM_LINF8:-720}" pursamere-fast evaluate --config configs/fmnist_sam_linf8.toml
-    job nosam_linf8 "${B_NOSAM_LINF8:-360}" pursamere-fast evaluate --config configs/fmnist_nosam_linf8.toml
-    job adp "${B_ADP:-300}" pursamere-fast evaluate --config configs/fmnist_adp.toml
-    job sam_budgets "${B_SAM_BUDGETS:-300}" pursamere-fast evaluate --config configs/fmnist_sam_budgets.toml
-    job sam_bpda200 "${B_SAM_BPDA200:-400}" pursamere-fast evaluate --config configs/fmnist_sam_bpda200.toml
-    job sam_exact "${B_SAM_EXACT:-200}" pursamere-fast evaluate --config configs/fmnist_sam_exact.toml
-    job sanity "${B_SANITY:-300}" pursamere-fast sanity --config configs/fmnist_sanity.toml
+    evaluate sam_main "${B_SAM_MAIN:-2100}" configs/fmnist_main.toml sam_main
+    evaluate nosam_main "${B_NOSAM_MAIN:-1100}" configs/fmnist_main.toml nosam_main "${NOSAM[@]}"
+    evaluate adp_main "${B_ADP_MAIN:-300}" configs/fmnist_main.toml adp_main "${ADP[@]}"
+    evaluate adp_budgets "${B_ADP_BUDGETS:-200}" configs/fmnist_budgets.toml adp_budgets "${ADP[@]}"
+    evaluate adp_exact "${B_ADP_EXACT:-200}" configs/fmnist_exact.toml adp_exact "${ADP[@]}"
+    evaluate sam_exact "${B_SAM_EXACT:-750}" configs/fmnist_exact.toml sam_exact
+    evaluate sam_budgets "${B_SAM_BUDGETS:-750}" configs/fmnist_budgets.toml sam_budgets
+    evaluate sam_bpda200 "${B_SAM_BPDA200:-750}" configs/fmnist_bpda200.toml sam_bpda200
+    evaluate nosam_exact "${B_NOSAM_EXACT:-350}" configs/fmnist_exact.toml nosam_exact "${NOSAM[@]}"
+    evaluate nosam_budgets "${B_NOSAM_BUDGETS:-350}" configs/fmnist_budgets.toml nosam_budgets "${NOSAM[@]}"
+    evaluate nosam_bpda200 "${B_NOSAM_BPDA200:-350}" configs/fmnist_bpda200.toml nosam_bpda200 "${NOSAM[@]}"
+    evaluate adp_bpda200 "${B_ADP_BPDA200:-250}" configs/fmnist_bpda200.toml adp_bpda200 "${ADP[@]}"
+    NPROC=1 job sanity "${B_SANITY:-240}" -m pursamere_fast.cli sanity --config configs/fmnist_sanity.toml
     ;;
   none)
-    job none "${B_NONE:-900}" pursamere-fast evaluate --config configs/fmnist_none.toml
+    NPROC=1 job none "${B_NONE:-900}" -m pursamere_fast.cli evaluate --config configs/fmnist_none.toml
     ;;
   *)
     echo "usage: $0 sweep|test|none" >&2

@@ -33,7 +33,7 @@ def test_files_are_in_the_package_and_small():
     total = sum(len(root.joinpath(n).read_bytes()) for n in (SCORE_FILE, CLASSIFIER_FILE))
     assert total < 20 * 2**20
     assert "Copyright (c) 2017 Zalando SE" in root.joinpath("LICENSE-fashion-mnist.txt").read_text()
-    assert json.loads(root.joinpath(CONFIG_FILE).read_text())["status"] == "provisional"
+    assert json.loads(root.joinpath(CONFIG_FILE).read_text())["status"] == "validated"
 
 
 def test_loads_without_any_dataset(monkeypatch, tmp_path):
@@ -61,7 +61,7 @@ def test_config(defaults):
     assert isinstance(cfg, pursamere_fast.PurifyConfig)
     assert cfg == pursamere_fast.PurifyConfig(**recommended_config_dict())
     assert cfg.norm == "linf" and cfg.rho == pytest.approx(16 / 255)
-    assert 15 <= cfg.num_steps <= 30 and 0 < cfg.sam_radius < cfg.rho
+    assert cfg.num_steps == 10 and cfg.n_samples == 2 and 0 < cfg.sam_radius < cfg.rho
 
 
 def test_classifier_accuracy_on_shipped_images(defaults):

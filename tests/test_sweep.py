@@ -68,10 +68,27 @@ def test_choose_maximises_bpda_within_the_clean_tolerance():
     assert _choose(summary, {"a": 10, "b": 10, "c": 10}, clean_tol=0.06)["chosen"] == "b"
 
 
-def test_choose_ties_go_to_gray_box_then_cost_then_order():
-    summary = _summary([("a", 0.9, 0.5, 0.4), ("b", 0.9, 0.6, 0.4), ("c", 0.9, 0.6, 0.4), ("d", 0.9, 0.6, 0.4)])
-    assert _choose(summary, {"a": 1, "b": 80, "c": 40, "d": 40})["chosen"] == "c"
-    assert _choose(summary, {"a": 1, "b": 80})["chosen"] == "b"
+def test_choose_ties_go_to_cost_then_gray_box_then_order():
+    summary = _summary([("a", 0.9, 0.5, 0.4), ("b", 0.9, 0.6, 0.4), ("c", 0.9, 0.6, 0.4), ("d", 0.9, 0.6, 0.4),
+                        ("e", 0.9, 0.7, 0.39)])
+    costs = {"a": 1, "b": 80, "c": 40, "d": 40, "e": 1}
+    assert _choose(summary, costs)["chosen"] == "a"
+    assert _choose(summary, {"b": 80, "c": 40, "d": 40})["chosen"] == "c"
+    summary = _summary([("a", 0.9, 0.5, 0.4), ("b", 0.9, 0.6, 0.4)])
+    assert _choose(summary, {"a": 40, "b": 40})["chosen"] == "b"
+
+
+def test_choose_robust_tol_takes_the_cheapest_config_near_the_best():
+    summary = _summary([("big", 0.9, 0.6, 0.50), ("mid", 0.9, 0.6, 0.49), ("small", 0.9, 0.7, 0.47),
+                        ("tiny", 0.85, 0.7, 0.50)])
+    costs = {"big": 160, "mid": 40, "small": 20, "tiny": 1}
+    choice = _choose(summary, costs, robust_tol=0.02)
+    # tiny is ineligible (clean); small is 3 pp below the best: mid is the cheapest within 2 pp.
+    assert choice["chosen"] == "mid" and choice["best_robust"] == 0.50
+    assert _choose(summary, costs, robust_tol=0.0)["chosen"] == "big"
+    assert _choose(summary, costs, robust_tol=0.03)["chosen"] == "small"
+    with pytest.raises(ValueError, match="robust_tol"):
+        _choose(summary, costs, robust_tol=-0.1)
 
 
 def test_choose_allows_one_sample_at_small_n_and_reports_none_when_nothing_fits():
@@ -160,3 +177,26 @@ def test_toy_sweep_runs_end_to_end_and_collects(tmp_path, capsys):
     assert len(json.loads((tmp_path / "res" / "summary.json").read_text())) == 15
     assert "| sweep |" in (tmp_path / "res" / "summary.md").read_text()
     assert (tmp_path / "res" / "acc_vs_eps.png").stat().st_size > 0
+
+
+def test_explicit_points_mix_pursamere_and_adp(tmp_path):
+    out = tmp_path / "points"
+    grid = '[grid]\nrho = ["0", "16/255"]\nsam_radius = ["0", "4/255"]\n'
+    points = ('[[point]]\nrho = "16/255"\nn_samples = 1\n\n'
+              '[[point]]\ndefence = "adp"\nsigma = 0.1\nnoise_std = "1/10"\nsteps = 2\n')
+    cfg = tmp_path / "points.toml"
+    cfg.write_text("robust_tol = 0.5\n" + TOML.format(out=out).replace(grid, points))
+    assert sweep.main(["run", "--config", str(cfg), "--no-progress"]) == 0
+    report = json.loads((out / "sweep.json").read_text())
+    rows = {r["defence"]: r for r in report["choice"]["rows"]}
+    assert set(rows) == {"rho=16/255,n_samples=1", "adp:sigma=0.1,noise_std=0.1,steps=2"}
+    adp = rows["adp:sigma=0.1,noise_std=0.1,steps=2"]
+    assert adp["cost"] == 2 and rows["rho=16/255,n_samples=1"]["cost"] == 2 * 1 * 1 * 2  # K * N * (SAM: 2)
+    assert report["choice"]["robust_tol"] == 0.5
+
+    cfg.write_text(TOML.format(out=out) + '\n[[point]]\nrho = "0"\n')
+    with pytest.raises(ValueError, match=r"\[grid\] and \[\[point\]\]"):
+        sweep.main(["run", "--config", str(cfg), "--no-progress"])
+    cfg.write_text(TOML.format(out=out).replace(grid, '[[point]]\ndefence = "dip"\n'))
+    with pytest.raises(ValueError, match="'dip'"):
+        sweep.main(["run", "--config", str(cfg), "--no-progress"])

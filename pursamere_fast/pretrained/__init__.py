@@ -33,7 +33,7 @@ class FashionMNISTDefaults(NamedTuple):
         classifier: SmallCNN, logits over the 10 Fashion-MNIST classes.
         images: float32 (1000, 1, 28, 28) in [0, 1], the first 1,000 test images.
         labels: int64 (1000,).
-        config: recommended PurifyConfig (provisional, see MODEL_CARD.md).
+        config: recommended PurifyConfig (chosen on a validation split, see MODEL_CARD.md).
     """
 
     score: nn.Module
