@@ -6,6 +6,7 @@
 # the same line continues where it stopped. Run from the repository root:
 #   nohup configs/run_fmnist.sh sweep > /dev/null 2>&1 &   # both validation sweeps
 #   nohup configs/run_fmnist.sh test > /dev/null 2>&1 &    # the test-set rows
+#   configs/run_fmnist.sh sam_exact sanity                 # or any jobs by name, in that order
 #   python -m pursamere_fast.attacks.sweep collect --out results/fmnist runs/fmnist/test_none runs/fmnist/final/*
 set -u
 OUT=runs/fmnist
@@ -37,31 +38,32 @@ evaluate() {  # name budget_s config out extra-args...
 
 { date -u +%FT%TZ; sha256sum pursamere_fast/pretrained/*.safetensors pursamere_fast/pretrained/*.json; } >> "$OUT/provenance.txt"
 
+run() {  # one named job of the queue
+  case "$1" in
+    sweep_cost) job sweep_cost "${B_SWEEP:-2400}" -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep.toml --no-progress ;;
+    sweep_adp) job sweep_adp "${B_SWEEP_ADP:-600}" -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep_adp.toml --no-progress ;;
+    sam_main) evaluate sam_main "${B_SAM_MAIN:-3000}" configs/fmnist_main.toml sam_main ;;
+    nosam_main) evaluate nosam_main "${B_NOSAM_MAIN:-1800}" configs/fmnist_main.toml nosam_main "${NOSAM[@]}" ;;
+    adp_main) evaluate adp_main "${B_ADP_MAIN:-300}" configs/fmnist_main.toml adp_main "${ADP[@]}" ;;
+    adp_budgets) evaluate adp_budgets "${B_ADP_BUDGETS:-200}" configs/fmnist_budgets.toml adp_budgets "${ADP[@]}" ;;
+    adp_exact) evaluate adp_exact "${B_ADP_EXACT:-200}" configs/fmnist_exact.toml adp_exact "${ADP[@]}" ;;
+    adp_bpda200) evaluate adp_bpda200 "${B_ADP_BPDA200:-250}" configs/fmnist_bpda200.toml adp_bpda200 "${ADP[@]}" ;;
+    sam_exact) evaluate sam_exact "${B_SAM_EXACT:-750}" configs/fmnist_exact.toml sam_exact ;;
+    sam_budgets) evaluate sam_budgets "${B_SAM_BUDGETS:-750}" configs/fmnist_budgets.toml sam_budgets ;;
+    sam_bpda200) evaluate sam_bpda200 "${B_SAM_BPDA200:-750}" configs/fmnist_bpda200.toml sam_bpda200 ;;
+    nosam_exact) evaluate nosam_exact "${B_NOSAM_EXACT:-350}" configs/fmnist_exact.toml nosam_exact "${NOSAM[@]}" ;;
+    nosam_budgets) evaluate nosam_budgets "${B_NOSAM_BUDGETS:-350}" configs/fmnist_budgets.toml nosam_budgets "${NOSAM[@]}" ;;
+    nosam_bpda200) evaluate nosam_bpda200 "${B_NOSAM_BPDA200:-350}" configs/fmnist_bpda200.toml nosam_bpda200 "${NOSAM[@]}" ;;
+    sanity) NPROC=1 job sanity "${B_SANITY:-240}" -m pursamere_fast.cli sanity --config configs/fmnist_sanity.toml ;;
+    none) NPROC=1 job none "${B_NONE:-900}" -m pursamere_fast.cli evaluate --config configs/fmnist_none.toml ;;
+    *) echo "unknown job: $1" >&2; return 2 ;;
+  esac
+}
+
 case "${1:-}" in
-  sweep)
-    job sweep_cost "${B_SWEEP:-2400}" -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep.toml --no-progress
-    job sweep_adp "${B_SWEEP_ADP:-600}" -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep_adp.toml --no-progress
-    ;;
-  test)
-    evaluate sam_main "${B_SAM_MAIN:-2100}" configs/fmnist_main.toml sam_main
-    evaluate nosam_main "${B_NOSAM_MAIN:-1100}" configs/fmnist_main.toml nosam_main "${NOSAM[@]}"
-    evaluate adp_main "${B_ADP_MAIN:-300}" configs/fmnist_main.toml adp_main "${ADP[@]}"
-    evaluate adp_budgets "${B_ADP_BUDGETS:-200}" configs/fmnist_budgets.toml adp_budgets "${ADP[@]}"
-    evaluate adp_exact "${B_ADP_EXACT:-200}" configs/fmnist_exact.toml adp_exact "${ADP[@]}"
-    evaluate sam_exact "${B_SAM_EXACT:-750}" configs/fmnist_exact.toml sam_exact
-    evaluate sam_budgets "${B_SAM_BUDGETS:-750}" configs/fmnist_budgets.toml sam_budgets
-    evaluate sam_bpda200 "${B_SAM_BPDA200:-750}" configs/fmnist_bpda200.toml sam_bpda200
-    evaluate nosam_exact "${B_NOSAM_EXACT:-350}" configs/fmnist_exact.toml nosam_exact "${NOSAM[@]}"
-    evaluate nosam_budgets "${B_NOSAM_BUDGETS:-350}" configs/fmnist_budgets.toml nosam_budgets "${NOSAM[@]}"
-    evaluate nosam_bpda200 "${B_NOSAM_BPDA200:-350}" configs/fmnist_bpda200.toml nosam_bpda200 "${NOSAM[@]}"
-    evaluate adp_bpda200 "${B_ADP_BPDA200:-250}" configs/fmnist_bpda200.toml adp_bpda200 "${ADP[@]}"
-    NPROC=1 job sanity "${B_SANITY:-240}" -m pursamere_fast.cli sanity --config configs/fmnist_sanity.toml
-    ;;
-  none)
-    NPROC=1 job none "${B_NONE:-900}" -m pursamere_fast.cli evaluate --config configs/fmnist_none.toml
-    ;;
-  *)
-    echo "usage: $0 sweep|test|none" >&2
-    exit 2
-    ;;
+  sweep) set -- sweep_cost sweep_adp ;;
+  test) set -- sam_main nosam_main adp_main adp_budgets adp_exact sam_exact sam_budgets sam_bpda200 \
+               nosam_exact nosam_budgets nosam_bpda200 adp_bpda200 sanity ;;
+  "") echo "usage: $0 sweep|test|none|JOB..." >&2; exit 2 ;;
 esac
+for name in "$@"; do run "$name"; done

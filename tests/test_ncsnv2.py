@@ -45,8 +45,12 @@ def test_checkpoint_reproduces_official_outputs(expected, arch, use_ema, key):
     assert not model.training
     with torch.no_grad():
         out = model(expected["x"], expected["labels"])
-    # Measured max abs error on CPU: 0.0 for both (bitwise); outputs reach |168|.
-    torch.testing.assert_close(out, expected[key], rtol=0.0, atol=1e-5)
+    # The fixture is float32, so its own rounding sets the bar: the same weights in float64
+    # land 3.9e-4 / 4.2e-4 (raw / EMA) from it, with outputs up to |168| / |181|. Measured in
+    # float32: 0.0 (bitwise) on an AVX-512 CPU, 5.9e-4 on an AVX2 one. A wiring or norm bug
+    # moves outputs by O(1) of their scale.
+    scale = expected[key].abs().max().item()
+    torch.testing.assert_close(out, expected[key], rtol=0.0, atol=1e-5 * scale)
 
 
 def test_ema_shadow_replaces_parameters(states, arch):
