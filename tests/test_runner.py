@@ -253,3 +253,16 @@ def test_main_sanity_exit_code(tmp_path, trained):
     rc = main_sanity(["--config", str(cfg), "--out", str(tmp_path / "fail"), "--eps-list", "0,0.01",
                       "--steps-list", "2", "--grad-n", "0", "--no-progress"])
     assert rc == 1
+
+
+def test_mcnemar_exact_matches_the_binomial_test():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from pursamere_fast.attacks.stats import mcnemar_exact
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+    for b, c in [(0, 5), (4, 1), (12, 30), (100, 70), (7, 0)]:
+        expected = scipy_stats.binomtest(min(b, c), b + c, 0.5).pvalue
+        assert mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-12)
+        assert mcnemar_exact(b, c) == mcnemar_exact(c, b)
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="b must"):
+            mcnemar_exact(bad, 2)

@@ -200,3 +200,37 @@ def test_explicit_points_mix_pursamere_and_adp(tmp_path):
     cfg.write_text(TOML.format(out=out).replace(grid, '[[point]]\ndefence = "dip"\n'))
     with pytest.raises(ValueError, match="'dip'"):
         sweep.main(["run", "--config", str(cfg), "--no-progress"])
+
+
+def _write_rows(directory, defence, attack, robust, labels=None):
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "rows.jsonl", "a") as f:
+        for i, ok in enumerate(robust):
+            f.write(json.dumps({"defence": defence, "attack": attack, "index": i, "label": 0 if labels is None
+                                else labels[i], "clean_correct": True, "robust_correct": bool(ok)}) + "\n")
+
+
+def test_compare_counts_discordant_pairs_on_common_images(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    # a right on 0-7, b right on 0-3 and 8: only_a = 4 (4-7), only_b = 1 (8); b has a 10th image.
+    _write_rows(a, "sam", "bpda-x", [1] * 8 + [0])
+    _write_rows(b, "nosam", "bpda-y", [1] * 4 + [0] * 4 + [1, 1])
+    r = sweep.compare(str(a), str(b), "bpda-x", "bpda-y")
+    assert (r["n"], r["only_a"], r["only_b"]) == (9, 4, 1)
+    assert r["acc_a"] == 8 / 9 and r["acc_b"] == 5 / 9
+    assert r["p_value"] == pytest.approx(2 * 6 / 32)   # P(X <= 1), X ~ Bin(5, 1/2), two-sided
+    assert sweep.main(["compare", f"{a}:sam", str(b), "--attack", "bpda-x", "--attack-b", "bpda-y"]) == 0
+    assert "only_a=4 only_b=1" in capsys.readouterr().out
+
+
+def test_compare_refuses_ambiguous_missing_or_mismatched_settings(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write_rows(a, "d1", "atk", [1, 0])
+    _write_rows(a, "d2", "atk", [1, 1])
+    _write_rows(b, "d1", "atk", [1, 1], labels=[0, 3])
+    with pytest.raises(ValueError, match="several defences"):
+        sweep.compare(str(a), str(b), "atk")
+    with pytest.raises(ValueError, match="no rows"):
+        sweep.compare(f"{a}:d1", str(b), "other")
+    with pytest.raises(ValueError, match="label"):
+        sweep.compare(f"{a}:d1", str(b), "atk")

@@ -1,4 +1,4 @@
-"""Binomial confidence intervals for accuracies."""
+"""Binomial confidence intervals for accuracies and a paired test between two defences."""
 
 from __future__ import annotations
 
@@ -36,3 +36,31 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     low = 0.0 if k == 0 else max(0.0, center - half)
     high = 1.0 if k == n else min(1.0, center + half)
     return low, high
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for paired binary outcomes.
+
+    Two defences judged on the same images disagree on b + c of them: b where only the first
+    is right, c where only the second is. Under "equally accurate" each disagreement goes
+    either way with probability 1/2, so the p-value is a binomial tail. Pairing removes the
+    images both get right or both get wrong, which is why it separates defences whose
+    separate Wilson intervals overlap.
+
+    Args:
+        b, c: discordant counts, ints >= 0.
+
+    Returns:
+        p in (0, 1]; 1.0 when b + c = 0.
+
+    Raises:
+        ValueError: on a negative or non-int count.
+    """
+    for name, v in (("b", b), ("c", c)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    m = b + c
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, i) for i in range(min(b, c) + 1)) / 2**m
+    return min(1.0, 2 * tail)

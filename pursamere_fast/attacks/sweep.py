@@ -5,6 +5,8 @@ Fashion-MNIST training set (`validation_split`), never on the test set:
 
     python -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep.toml
     python -m pursamere_fast.attacks.sweep collect --out results/fmnist runs/fmnist/test_none runs/fmnist/final/*
+    python -m pursamere_fast.attacks.sweep compare runs/fmnist/final/sam_main runs/fmnist/final/nosam_main \
+        --attack bpda-linf-eps0.0313725-s20     # paired: same images, exact McNemar p-value
 
 Selection rule (`choose_config`): among the configs whose clean accuracy is at most
 `clean_tol` below the undefended classifier's (or one sample, whichever is larger, so that a
@@ -33,7 +35,7 @@ import torch
 
 from .cli import _float, _init_distributed, load_object
 from .runner import _all_rows, _dist, evaluate, markdown_table, plot_summary
-from .stats import wilson_interval
+from .stats import mcnemar_exact, wilson_interval
 from .threats import AttackSpec, Defence, grid
 
 
@@ -183,6 +185,62 @@ def collect(out_dirs: Sequence[str], z: float = 1.96, complete_only: bool = True
     return out
 
 
+def compare(a: str, b: str, attack: str, attack_b: str | None = None, *, field: str = "robust_correct") -> dict:
+    """Paired comparison of two defences on the images both were evaluated on.
+
+    Args:
+        a, b: "run_dir" or "run_dir:defence" (the defence is needed when a run holds several).
+        attack: attack label in a; attack_b: its label in b (default: the same), e.g. the
+            undefended run's "bpda-..." for a gray-box row, which is the same PGD there.
+        field: per-sample boolean to compare ("robust_correct" or "clean_correct").
+
+    Returns:
+        {"n", "acc_a", "acc_b", "only_a", "only_b", "p_value"} over the common indices; only_a
+        counts images a gets right and b does not. p_value: exact McNemar (`mcnemar_exact`).
+
+    Raises:
+        ValueError: a setting is missing or ambiguous, or the two share no image.
+    """
+    def pick(spec: str, label: str) -> dict[int, dict]:
+        run, _, defence = spec.partition(":")
+        rows = [r for r in _all_rows(run) if r["attack"] == label and (not defence or r["defence"] == defence)]
+        if len({r["defence"] for r in rows}) > 1:
+            raise ValueError(f"{spec!r} holds several defences for {label!r}: name one as run_dir:defence")
+        if not rows:
+            raise ValueError(f"no rows for attack {label!r} in {spec!r}")
+        return {r["index"]: r for r in rows}
+
+    ra, rb = pick(a, attack), pick(b, attack_b or attack)
+    common = sorted(set(ra) & set(rb))
+    if not common:
+        raise ValueError(f"{a!r} and {b!r} share no image for {attack!r}")
+    for i in common:
+        if ra[i]["label"] != rb[i]["label"]:
+            raise ValueError(f"image {i} has label {ra[i]['label']} in {a!r} but {rb[i]['label']} in {b!r}")
+    xa = [bool(ra[i][field]) for i in common]
+    xb = [bool(rb[i][field]) for i in common]
+    only_a = sum(p and not q for p, q in zip(xa, xb))
+    only_b = sum(q and not p for p, q in zip(xa, xb))
+    return {"n": len(common), "acc_a": sum(xa) / len(common), "acc_b": sum(xb) / len(common),
+            "only_a": only_a, "only_b": only_b, "p_value": mcnemar_exact(only_a, only_b)}
+
+
+def _compare(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m pursamere_fast.attacks.sweep compare",
+                                description="Paired (same images) comparison of two defences: accuracies, "
+                                            "discordant counts and the exact McNemar p-value.")
+    p.add_argument("a", help="run_dir or run_dir:defence")
+    p.add_argument("b", help="run_dir or run_dir:defence")
+    p.add_argument("--attack", required=True, help="attack label, e.g. bpda-linf-eps0.0313725-s20")
+    p.add_argument("--attack-b", default=None, help="attack label in b if it differs")
+    p.add_argument("--clean", action="store_true", help="compare clean instead of robust correctness")
+    args = p.parse_args(argv)
+    r = compare(args.a, args.b, args.attack, args.attack_b, field="clean_correct" if args.clean else "robust_correct")
+    sys.stdout.write(f"n={r['n']} acc_a={100 * r['acc_a']:.1f}% acc_b={100 * r['acc_b']:.1f}% "
+                     f"only_a={r['only_a']} only_b={r['only_b']} p={r['p_value']:.3g}\n")
+    return 0
+
+
 def _cost_of(description: Mapping) -> int:
     """Score evaluations per purified image (ADP: forward only, one per ascent step)."""
     if description.get("kind") == "adp":
@@ -319,11 +377,12 @@ def _collect(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: `run` (validation sweep) or `collect` (summaries of run directories)."""
+    """Entry point: `run` (validation sweep), `collect` (summaries of run directories) or
+    `compare` (paired test of two defences)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": _run, "collect": _collect}
+    commands = {"run": _run, "collect": _collect, "compare": _compare}
     if not argv or argv[0] not in commands:
-        sys.stderr.write("usage: python -m pursamere_fast.attacks.sweep {run,collect} [options]\n")
+        sys.stderr.write("usage: python -m pursamere_fast.attacks.sweep {run,collect,compare} [options]\n")
         return 2
     return commands[argv[0]](argv[1:])
 
