@@ -14,6 +14,8 @@ LOG=$OUT/jobs.log
 NPROC=${NPROC:-2}
 # The ADP baseline's setting chosen by configs/fmnist_sweep_adp.toml.
 ADP=(--defences adp --adp sigma=0.05 --adp noise_std=0.05 --adp steps=5)
+# The shipped config runs without SAM (the sweep's choice); both variants are named explicitly.
+SAM=(--pursamere sam_radius=8/255)
 NOSAM=(--pursamere sam_radius=0.0)
 mkdir -p "$OUT/final"
 export OMP_NUM_THREADS=1
@@ -42,15 +44,15 @@ run() {  # one named job of the queue
   case "$1" in
     sweep_cost) job sweep_cost "${B_SWEEP:-2400}" -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep.toml --no-progress ;;
     sweep_adp) job sweep_adp "${B_SWEEP_ADP:-600}" -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep_adp.toml --no-progress ;;
-    sam_main) evaluate sam_main "${B_SAM_MAIN:-3000}" configs/fmnist_main.toml sam_main ;;
+    sam_main) evaluate sam_main "${B_SAM_MAIN:-3000}" configs/fmnist_main.toml sam_main "${SAM[@]}" ;;
     nosam_main) evaluate nosam_main "${B_NOSAM_MAIN:-1800}" configs/fmnist_main.toml nosam_main "${NOSAM[@]}" ;;
     adp_main) evaluate adp_main "${B_ADP_MAIN:-300}" configs/fmnist_main.toml adp_main "${ADP[@]}" ;;
     adp_budgets) evaluate adp_budgets "${B_ADP_BUDGETS:-200}" configs/fmnist_budgets.toml adp_budgets "${ADP[@]}" ;;
     adp_exact) evaluate adp_exact "${B_ADP_EXACT:-200}" configs/fmnist_exact.toml adp_exact "${ADP[@]}" ;;
     adp_bpda200) evaluate adp_bpda200 "${B_ADP_BPDA200:-250}" configs/fmnist_bpda200.toml adp_bpda200 "${ADP[@]}" ;;
-    sam_exact) evaluate sam_exact "${B_SAM_EXACT:-750}" configs/fmnist_exact.toml sam_exact ;;
-    sam_budgets) evaluate sam_budgets "${B_SAM_BUDGETS:-750}" configs/fmnist_budgets.toml sam_budgets ;;
-    sam_bpda200) evaluate sam_bpda200 "${B_SAM_BPDA200:-750}" configs/fmnist_bpda200.toml sam_bpda200 ;;
+    sam_exact) evaluate sam_exact "${B_SAM_EXACT:-750}" configs/fmnist_exact.toml sam_exact "${SAM[@]}" ;;
+    sam_budgets) evaluate sam_budgets "${B_SAM_BUDGETS:-750}" configs/fmnist_budgets.toml sam_budgets "${SAM[@]}" ;;
+    sam_bpda200) evaluate sam_bpda200 "${B_SAM_BPDA200:-750}" configs/fmnist_bpda200.toml sam_bpda200 "${SAM[@]}" ;;
     nosam_exact) evaluate nosam_exact "${B_NOSAM_EXACT:-350}" configs/fmnist_exact.toml nosam_exact "${NOSAM[@]}" ;;
     nosam_budgets) evaluate nosam_budgets "${B_NOSAM_BUDGETS:-350}" configs/fmnist_budgets.toml nosam_budgets "${NOSAM[@]}" ;;
     nosam_bpda200) evaluate nosam_bpda200 "${B_NOSAM_BPDA200:-350}" configs/fmnist_bpda200.toml nosam_bpda200 "${NOSAM[@]}" ;;

@@ -7,7 +7,7 @@ Writes a PNG grid (clean | adversarial | purified | amplified difference) and a 
 ERE traces.
 
 The purifier runs the shipped config (`pursamere_fast.pretrained`), chosen on a validation
-split: with 40 score evaluations per image the demo's 256 images take a few minutes on 2
+split: with 20 score evaluations per image the demo's 256 images take a few minutes on 2
 CPU cores.
 """
 

@@ -266,3 +266,11 @@ def test_mcnemar_exact_matches_the_binomial_test():
     for bad in (-1, 1.0, True):
         with pytest.raises(ValueError, match="b must"):
             mcnemar_exact(bad, 2)
+
+
+def test_key_value_overrides_parse_json_fractions_and_strings():
+    from pursamere_fast.attacks.cli import _kv
+    assert _kv(["sam_radius=8/255", "n_samples=2", "norm=l2", "betas=[0.8, 0.9]"]) == {
+        "sam_radius": 8 / 255, "n_samples": 2, "norm": "l2", "betas": [0.8, 0.9]}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _kv(["sam_radius"])

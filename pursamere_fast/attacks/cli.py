@@ -74,7 +74,10 @@ def _kv(items) -> dict:
         try:
             out[k.strip()] = json.loads(v)
         except json.JSONDecodeError:
-            out[k.strip()] = v
+            try:
+                out[k.strip()] = _float(v)  # a fraction such as 8/255
+            except ValueError:
+                out[k.strip()] = v
     return out
 
 
@@ -95,7 +98,8 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="factory 'module:attr' returning the base PurifyConfig of the pursamere defence, e.g. "
                         "pursamere_fast.pretrained:fashion_mnist.config (default: PurifyConfig())")
     p.add_argument("--pursamere", action="append", default=[], metavar="KEY=VALUE",
-                   help="PurifyConfig override for the pursamere defence (repeatable; VALUE is JSON)")
+                   help="PurifyConfig override for the pursamere defence (repeatable; VALUE is JSON or a "
+                        "fraction such as 8/255)")
     p.add_argument("--adp", action="append", default=[], metavar="KEY=VALUE", help="ADPPurifier argument")
     p.add_argument("--backend", default="auto", help="purify backend")
     p.add_argument("--norm", default="linf", choices=["linf", "l2", "l1"])
