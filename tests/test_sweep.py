@@ -234,3 +234,12 @@ def test_compare_refuses_ambiguous_missing_or_mismatched_settings(tmp_path):
         sweep.compare(f"{a}:d1", str(b), "other")
     with pytest.raises(ValueError, match="label"):
         sweep.compare(f"{a}:d1", str(b), "atk")
+
+
+def test_compare_uses_the_complete_samples_of_each_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write_rows(a, "d", "atk", [1, 1, 1, 1])
+    _write_rows(a, "d", "other", [1, 1, 1])   # image 3 lacks this setting: not complete
+    _write_rows(b, "u", "atk", [0, 0, 0, 0])
+    assert sweep.compare(str(a), str(b), "atk")["n"] == 3
+    assert sweep.compare(str(a), str(b), "atk", complete_only=False)["n"] == 4

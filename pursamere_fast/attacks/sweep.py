@@ -185,7 +185,8 @@ def collect(out_dirs: Sequence[str], z: float = 1.96, complete_only: bool = True
     return out
 
 
-def compare(a: str, b: str, attack: str, attack_b: str | None = None, *, field: str = "robust_correct") -> dict:
+def compare(a: str, b: str, attack: str, attack_b: str | None = None, *, field: str = "robust_correct",
+            complete_only: bool = True) -> dict:
     """Paired comparison of two defences on the images both were evaluated on.
 
     Args:
@@ -193,6 +194,8 @@ def compare(a: str, b: str, attack: str, attack_b: str | None = None, *, field: 
         attack: attack label in a; attack_b: its label in b (default: the same), e.g. the
             undefended run's "bpda-..." for a gray-box row, which is the same PGD there.
         field: per-sample boolean to compare ("robust_correct" or "clean_correct").
+        complete_only: as in `collect`, use per run only the samples that have a row for every
+            setting of that run, so that the pairs are the images `collect` reports.
 
     Returns:
         {"n", "acc_a", "acc_b", "only_a", "only_b", "p_value"} over the common indices; only_a
@@ -203,7 +206,14 @@ def compare(a: str, b: str, attack: str, attack_b: str | None = None, *, field: 
     """
     def pick(spec: str, label: str) -> dict[int, dict]:
         run, _, defence = spec.partition(":")
-        rows = [r for r in _all_rows(run) if r["attack"] == label and (not defence or r["defence"] == defence)]
+        every = _all_rows(run)
+        if complete_only:
+            groups: dict[tuple[str, str], set[int]] = {}
+            for r in every:
+                groups.setdefault((r["defence"], r["attack"]), set()).add(r["index"])
+            complete = set.intersection(*groups.values()) if groups else set()
+            every = [r for r in every if r["index"] in complete]
+        rows = [r for r in every if r["attack"] == label and (not defence or r["defence"] == defence)]
         if len({r["defence"] for r in rows}) > 1:
             raise ValueError(f"{spec!r} holds several defences for {label!r}: name one as run_dir:defence")
         if not rows:
