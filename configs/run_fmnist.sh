@@ -64,8 +64,8 @@ run() {  # one named job of the queue
 
 case "${1:-}" in
   sweep) set -- sweep_cost sweep_adp ;;
-  test) set -- sam_main nosam_main adp_main adp_budgets adp_exact sam_exact sam_budgets sam_bpda200 \
-               nosam_exact nosam_budgets nosam_bpda200 adp_bpda200 sanity ;;
+  test) set -- nosam_main sam_main adp_main adp_budgets adp_exact nosam_exact nosam_budgets nosam_bpda200 \
+               sam_exact sam_budgets sam_bpda200 adp_bpda200 sanity ;;   # the shipped (no-SAM) config first
   "") echo "usage: $0 sweep|test|none|JOB..." >&2; exit 2 ;;
 esac
 for name in "$@"; do run "$name"; done

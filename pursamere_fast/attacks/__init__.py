@@ -16,6 +16,6 @@ from .wrappers import FreshNoisePurifier, IdentityPurifier, PurifiedClassifier, 
 __all__ = [
     "ADPPurifier", "AttackSpec", "Defence", "FreshNoisePurifier", "IdentityPurifier", "PurifiedClassifier",
     "StraightThrough", "THREATS", "clean_predictions", "cosine_per_sample", "evaluate", "grid", "input_gradients",
-    "main_evaluate", "main_sanity", "markdown_table", "mcnemar_exact", "pgd", "project_l1", "read_rows", "run_attack", "run_sanity",
-    "summarise", "wilson_interval",
+    "main_evaluate", "main_sanity", "markdown_table", "mcnemar_exact", "pgd", "project_l1", "read_rows", "run_attack",
+    "run_sanity", "summarise", "wilson_interval",
 ]
