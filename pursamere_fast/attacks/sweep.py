@@ -143,6 +143,15 @@ def choose_config(summary: Sequence[dict], candidates: Mapping[str, int], *, und
             "undefended_clean": base["clean_acc"], "robust_tol": robust_tol, "best_robust": top, "rows": rows}
 
 
+def _complete(rows: Sequence[dict]) -> list[dict]:
+    """The rows of the samples that have a row for every (defence, attack) setting present."""
+    indices: dict[tuple[str, str], set[int]] = {}
+    for r in rows:
+        indices.setdefault((r["defence"], r["attack"]), set()).add(r["index"])
+    common = set.intersection(*indices.values()) if indices else set()
+    return [r for r in rows if r["index"] in common]
+
+
 def collect(out_dirs: Sequence[str], z: float = 1.96, complete_only: bool = True) -> list[dict]:
     """Summaries of the rows on disk in several run directories (finished or interrupted runs).
 
@@ -164,12 +173,10 @@ def collect(out_dirs: Sequence[str], z: float = 1.96, complete_only: bool = True
         if os.path.exists(path):
             with open(path) as f:
                 manifest = json.load(f).get("settings", {})
+        rows = _all_rows(d)
         groups: dict[tuple[str, str], list[dict]] = {}
-        for r in _all_rows(d):
+        for r in _complete(rows) if complete_only else rows:
             groups.setdefault((r["defence"], r["attack"]), []).append(r)
-        if complete_only and groups:
-            common = set.intersection(*({r["index"] for r in rs} for rs in groups.values()))
-            groups = {k: [r for r in rs if r["index"] in common] for k, rs in groups.items()}
         for (defence, attack), rs in groups.items():
             if not rs:
                 continue
@@ -206,13 +213,7 @@ def compare(a: str, b: str, attack: str, attack_b: str | None = None, *, field: 
     """
     def pick(spec: str, label: str) -> dict[int, dict]:
         run, _, defence = spec.partition(":")
-        every = _all_rows(run)
-        if complete_only:
-            groups: dict[tuple[str, str], set[int]] = {}
-            for r in every:
-                groups.setdefault((r["defence"], r["attack"]), set()).add(r["index"])
-            complete = set.intersection(*groups.values()) if groups else set()
-            every = [r for r in every if r["index"] in complete]
+        every = _complete(_all_rows(run)) if complete_only else _all_rows(run)
         rows = [r for r in every if r["attack"] == label and (not defence or r["defence"] == defence)]
         if len({r["defence"] for r in rows}) > 1:
             raise ValueError(f"{spec!r} holds several defences for {label!r}: name one as run_dir:defence")
