@@ -9,8 +9,8 @@ measurement, so a run cut short keeps what it finished. <gpu> is the device name
 case with dashes, without "nvidia-" (e.g. h100-80gb-hbm3). With --deadline-s a measurement
 whose estimated time (the last one at that batch size, times its calls) would end past the
 deadline is skipped and listed with the reason. --merge combines runs of one device into one
-file (later files win for the same variant and batch). docs/gpu.md has the device session's
-commands.
+file (later files win for the same variant and batch). The device session's one command is
+bench/gpu_check.sh (docs/gpu.md); this script is for further runs and for merging.
 """
 
 from __future__ import annotations
@@ -119,16 +119,11 @@ def select_variants(spec: str) -> list[str]:
     return names
 
 
-def record(args) -> Path:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    size = bn.SMALL if args.size == "tiny" else bn.FULL
-    batches = tuple(args.batches or size.batches)
+def new_document(device: torch.device, size: bn.Size, batches: tuple[int, ...]) -> dict:
+    """A run's JSON before any measurement: environment, config, FLOP counts, empty results."""
     fwd, bwd = bn.flops_per_image_sample(size.ngf, size.image_size)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{gpu_slug(device)}{'.' + args.tag if args.tag else ''}.json"
     cfg = size.config()
-    doc = dict(
+    return dict(
         environment(device),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         config=dict(model="NCSNv2 CIFAR-10 architecture, random weights (seed 0)", ngf=size.ngf,
@@ -139,6 +134,33 @@ def record(args) -> Path:
                    spec_gflop_forward=bn.SPEC_GFLOP_FWD, spec_gflop_input_backward=bn.SPEC_GFLOP_BWD),
         results=[], skipped=[],
     )
+
+
+def add_result(doc: dict, row: dict) -> None:
+    """Append a measured row, with its fraction of the measured matmul ceiling, and print it."""
+    measured = doc.get("ceilings", {}).get(f"matmul_{row['precision']}_tflops")
+    row["fraction_of_measured_matmul"] = row["tflops"] / measured if measured else None
+    doc["results"].append(row)
+    print(f"B={row['batch']:3d} {row['variant']:32s} {row['images_per_s']:10.2f} img/s  eff {row['efficiency']:.3f}  "
+          f"{row['tflops']:.1f} TFLOP/s  mfu {row['mfu'] if row['mfu'] is None else round(row['mfu'], 3)}  "
+          f"first {row['t_first_call_s']:.1f} s", flush=True)
+
+
+def write_json(doc: dict, path: Path) -> None:
+    """Write through a temporary file and a rename: a run killed mid-write keeps the last whole file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def record(args) -> Path:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = bn.SMALL if args.size == "tiny" else bn.FULL
+    batches = tuple(args.batches or size.batches)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{gpu_slug(device)}{'.' + args.tag if args.tag else ''}.json"
+    doc = new_document(device, size, batches)
     if device.type == "cuda" and args.size == "full":
         doc["ceilings"] = ceilings(device)
     start, network_cache = time.perf_counter(), {}
@@ -158,14 +180,9 @@ def record(args) -> Path:
                 doc["skipped"].append(dict(variant=name, batch=batch, reason=reason))
             else:
                 row = bn.measure(variant, batch, size, device, rounds=rounds, network_cache=network_cache)
-                measured = doc.get("ceilings", {}).get(f"matmul_{row['precision']}_tflops")
-                row["fraction_of_measured_matmul"] = row["tflops"] / measured if measured else None
                 last = row["t_purify_s"]
-                doc["results"].append(row)
-                print(f"B={batch:3d} {name:32s} {row['images_per_s']:10.2f} img/s  eff {row['efficiency']:.3f}  "
-                      f"{row['tflops']:.1f} TFLOP/s  mfu {row['mfu'] if row['mfu'] is None else round(row['mfu'], 3)}  "
-                      f"first {row['t_first_call_s']:.1f} s", flush=True)
-            path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+                add_result(doc, row)
+            write_json(doc, path)
     return path
 
 

@@ -14,6 +14,8 @@ import types
 
 import torch
 
+from .. import checks
+
 try:
     import triton
     import triton.language as tl
@@ -158,15 +160,12 @@ def _check_float_dtype(name: str, t) -> None:
 
 
 def _check_norm(norm) -> None:
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    checks.choice("norm", norm, ("linf", "l2"))
 
 
 def _check_nonneg(name: str, value) -> float:
-    """A Python-number config constant >= 0 (NaN rejected); returned as float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a Python number >= 0, got {value!r}")
-    return float(value)
+    """A Python-number config constant >= 0 (never a tensor: it is baked into the launch)."""
+    return checks.real(name, value, 0.0)
 
 
 from .adam_project import adam_project, adam_project_torch  # noqa: E402

@@ -5,6 +5,7 @@ Semantics: `pursamere_fast.reference.ere_residual`.
 
 import torch
 
+from .. import checks
 from . import (
     _check_device_scalar,
     _check_float_dtype,
@@ -51,8 +52,7 @@ def _check(s, eps, sigma, n_samples, out_grad, out_sqnorm):
     _check_float_dtype("s", s)
     if s.dim() != 2:
         raise ValueError(f"s must be 2-D [B*N, D], got shape {tuple(s.shape)}")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
+    checks.integer("n_samples", n_samples, 1)
     rows, d = s.shape
     if rows % n_samples != 0:
         raise ValueError(f"s has {rows} rows, not a multiple of n_samples={n_samples}")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 
+from . import checks
+
 
 def geometric_sigmas(sigma_max: float, sigma_min: float, n: int) -> tuple[float, ...]:
     """`n` geometrically spaced noise levels from `sigma_max` down to `sigma_min` (NCSN ladder)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    sigma_max = checks.real("sigma_max", sigma_max, positive=True)
+    sigma_min = checks.real("sigma_min", sigma_min, positive=True)
+    n = checks.integer("n", n, 1)
     if n == 1:
         return (float(sigma_max),)
     ratio = math.log(sigma_min / sigma_max) / (n - 1)
@@ -48,31 +51,27 @@ class PurifyConfig:
     max_batch: int = 64
 
     def __post_init__(self):
-        try:
-            sigmas = tuple(float(s) for s in self.sigmas)
-        except TypeError:
-            raise ValueError(f"sigmas must be a sequence of floats, got {self.sigmas!r}") from None
+        sigmas = checks.reals("sigmas", self.sigmas)
+        if not all(s > 0 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+            raise ValueError(f"sigmas must be positive and strictly decreasing, got {sigmas}")
         object.__setattr__(self, "sigmas", sigmas)
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if not sigmas:
-            raise ValueError("sigmas must not be empty")
-        if not all(math.isfinite(s) and s > 0 for s in sigmas):
-            raise ValueError(f"sigmas must be finite and positive, got {sigmas}")
-        if any(a <= b for a, b in zip(sigmas, sigmas[1:])):
-            raise ValueError(f"sigmas must be strictly decreasing, got {sigmas}")
-        _int_at_least("steps_per_sigma", self.steps_per_sigma, 1)
-        _int_at_least("n_samples", self.n_samples, 1)
-        _int_at_least("max_batch", self.max_batch, 1)
-        _int_at_least("seed", self.seed, 0)
-        _finite_at_least("rho", self.rho, 0.0)
-        _finite_at_least("sam_radius", self.sam_radius, 0.0)
-        _finite_at_least("lr_max", self.lr_max, 0.0)
-        _finite_at_least("lr_min", self.lr_min, 0.0)
-        _finite_at_least("adam_eps", self.adam_eps, 0.0)
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        betas = checks.reals("betas", self.betas, length=2)
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        object.__setattr__(self, "betas", betas)
+        for name in ("steps_per_sigma", "n_samples", "max_batch"):
+            object.__setattr__(self, name, checks.integer(name, getattr(self, name), 1))
+        object.__setattr__(self, "seed", checks.seed("seed", self.seed))
+        for name in ("rho", "sam_radius", "lr_min"):
+            object.__setattr__(self, name, checks.real(name, getattr(self, name), 0.0))
+        # lr_max = 0 would return the input unchanged: a purifier that silently does nothing.
+        object.__setattr__(self, "lr_max", checks.real("lr_max", self.lr_max, positive=True))
+        # adam_eps = 0 divides 0 by 0 wherever the gradient has been exactly zero so far.
+        object.__setattr__(self, "adam_eps", checks.real("adam_eps", self.adam_eps, positive=True))
+        if self.lr_min > self.lr_max:
+            raise ValueError(f"lr_min must be <= lr_max (the step size falls from lr_max to lr_min), "
+                             f"got lr_min={self.lr_min!r}, lr_max={self.lr_max!r}")
+        checks.choice("norm", self.norm, ("linf", "l2"))
 
     @property
     def num_steps(self) -> int:
@@ -98,12 +97,3 @@ class PurifyConfig:
             raise ValueError(f"unknown PurifyConfig field(s) {unknown}; valid: {sorted(names)}")
         return replace(self, **overrides) if overrides else self
 
-
-def _int_at_least(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _finite_at_least(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
-        raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")

@@ -16,12 +16,15 @@ tampered file cannot run code.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from . import checks
 
 FASHION_MNIST_ENV = "PURSAMERE_FASHION_MNIST"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -74,7 +77,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"IDX file {path} is truncated inside its header ({len(raw)} bytes)")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    # Python ints: a numpy product of absurd dims (2**31 each) wraps around and could
+    # match the payload's length.
+    expected = math.prod(dims) * dtype.itemsize
     got = len(raw) - header
     if got != expected:
         kind = "truncated" if got < expected else "longer than its header says"
@@ -191,15 +196,15 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise ValueError(f"CIFAR-10 batch {path}: b'data' is {desc}, expected uint8 (N, 3072)")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"CIFAR-10 batch {path}: b'labels' is not a list of ints") from e
-    if labels.shape != (data.shape[0],):
-        raise ValueError(f"CIFAR-10 batch {path}: {data.shape[0]} images but labels of shape {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"CIFAR-10 batch {path}: labels outside 0..9")
-    return data, labels
+    if not isinstance(labels, (list, tuple)) and not (isinstance(labels, np.ndarray) and labels.ndim == 1):
+        raise ValueError(f"CIFAR-10 batch {path}: b'labels' is {type(labels).__name__}, expected a list of ints")
+    if len(labels) != data.shape[0]:
+        raise ValueError(f"CIFAR-10 batch {path}: {data.shape[0]} images but {len(labels)} labels")
+    # Each label on its own: converting the list to int64 first would truncate 1.7 to 1
+    # and turn True into 1.
+    for i, label in enumerate(labels):
+        checks.integer(f"CIFAR-10 batch {path}: label {i}", label, 0, 9)
+    return data, np.array(labels, dtype=np.int64)
 
 
 def load_cifar10(root: str | os.PathLike, split: str = "train") -> tuple[np.ndarray, np.ndarray]:

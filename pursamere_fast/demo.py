@@ -13,7 +13,6 @@ CPU cores.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -22,6 +21,8 @@ from tqdm import tqdm
 
 from . import Purifier, purify
 from .attacks import PurifiedClassifier, pgd
+from .cli import SHIPPED_IMAGES, ArgumentParser, device, integer, option_errors, real
+from .purify import BACKENDS
 from .pretrained import fashion_mnist
 
 
@@ -85,18 +86,19 @@ def save_ere_plot(path, traces, sigmas):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="pursamere-fast demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=256, help="number of shipped test images (<= 1000)")
+    p = ArgumentParser(prog="pursamere-fast demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=integer(1, SHIPPED_IMAGES), default=256,
+                   help=f"number of shipped test images (<= {SHIPPED_IMAGES})")
     p.add_argument("--out-dir", default="demo_out", help="where the PNGs go")
-    p.add_argument("--eps", type=float, default=8 / 255, help="linf budget")
-    p.add_argument("--pgd-steps", type=int, default=10, help="gray-box PGD steps")
-    p.add_argument("--bpda-steps", type=int, default=5, help="BPDA-det PGD steps")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--eps", type=real(positive=True), default=8 / 255,
+                   help="linf budget (a fraction such as 8/255 allowed)")
+    p.add_argument("--pgd-steps", type=integer(1), default=10, help="gray-box PGD steps")
+    p.add_argument("--bpda-steps", type=integer(1), default=5, help="BPDA-det PGD steps")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if not 1 <= args.n <= 1000:
-        raise ValueError(f"--n must be in [1, 1000], got {args.n}")
-    os.makedirs(args.out_dir, exist_ok=True)
+    with option_errors(p, "--out-dir"):
+        os.makedirs(args.out_dir, exist_ok=True)
 
     d = fashion_mnist(device=args.device)
     x, y = d.images[: args.n], d.labels[: args.n]

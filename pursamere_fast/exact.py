@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import checks
+from .purify import _CheckedScore, check_finite, check_score, make_noise, resolve_config
 from .reference.purify import ere, project, sam_perturbation
 
 
@@ -141,45 +143,22 @@ def purify_unrolled(x_adv: torch.Tensor, score, config=None, noise: torch.Tensor
         ValueError: bad x_adv, noise of the wrong shape, a score returning the wrong shape.
         NonFiniteScoreError: the score produced NaN/Inf (message names the step and sigma).
     """
-    from . import NonFiniteScoreError, PurifyConfig, make_noise
-    from .attacks.pgd import check_images
-
-    config = config if config is not None else PurifyConfig()
-    check_images("x_adv", x_adv)
-    if x_adv.shape[0] == 0:
-        raise ValueError(f"x_adv must not be empty, got shape {tuple(x_adv.shape)}")
+    config = resolve_config(config, {})
+    checks.images("x_adv", x_adv)
+    check_score(score)
     shape = (config.num_steps, config.n_samples, *x_adv.shape[1:])
-    if noise is None:
-        noise = make_noise(config, x_adv.shape[1:])
-    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or tuple(noise.shape) != shape:
-        raise ValueError(f"noise must be a floating tensor of shape (K, N, C, H, W) = {shape}, "
-                         f"got {tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+    noise = make_noise(config, x_adv.shape[1:]) if noise is None else checks.tensor("noise", noise, shape)
     compute = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
-    score = _checked(_input_only(score))
+    score = _input_only(score)
     create_graph = torch.is_grad_enabled() and x_adv.requires_grad and not torch.is_inference_mode_enabled()
     with torch.inference_mode(False), torch.enable_grad():
         src = x_adv if create_graph else x_adv.detach().clone()
         noise = noise.detach().to(device=x_adv.device, dtype=compute).clone()
-        outs, traces = [], []
+        outs = []
         for chunk in src.split(config.max_batch):
-            x, trace = _loop(chunk.to(compute), score, config, noise, create_graph)
+            x, trace = _loop(chunk.to(compute), _CheckedScore(score, config), config, noise, create_graph)
+            check_finite(config, x.detach(), trace)
             outs.append(x)
-            traces.append(trace)
         out = torch.cat(outs).to(x_adv.dtype)
-    bad = ~torch.isfinite(torch.cat(traces)).all(0)
-    if bool(bad.any()):
-        k = int(bad.nonzero()[0])
-        raise NonFiniteScoreError(f"score produced NaN/Inf at step {k} (sigma={config.step_sigmas()[k]:.6g}); "
-                                  "check the score model at this noise level")
     return out if create_graph else out.detach()
 
-
-def _checked(score):
-    def call(y, sigma):
-        s = score(y, sigma)
-        if not isinstance(s, torch.Tensor) or s.shape != y.shape:
-            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(f"score returned shape {got}, expected {tuple(y.shape)}")
-        return s.to(y.dtype)
-
-    return call

@@ -155,8 +155,7 @@ def run_graphed(make_loop, x_adv, noise, *, score, key, strict):
         strict: raise when capture fails instead of warning and running eagerly.
 
     Returns:
-        (x, trace, trace_sam): fresh tensors, as `_FusedLoop.result()` but not aliasing the
-        cached buffers.
+        What `_FusedLoop.result()` returns, as fresh tensors not aliasing the cached buffers.
 
     Raises:
         RuntimeError: strict and the capture failed.
@@ -192,8 +191,7 @@ class _GraphedLoop:
         self.loop.load(x_adv, noise)
         for _ in range(self.replays):
             self.graph.replay()
-        x, trace, trace_sam = self.loop.result()
-        return x.clone(), trace.clone(), None if trace_sam is None else trace_sam.clone()
+        return tuple(None if t is None else t.clone() for t in self.loop.result())
 
 
 def _capture(make_loop, x_adv, noise, strict):

@@ -15,6 +15,8 @@ import os
 import torch
 from torch import nn
 
+from . import checks
+
 
 class ConvScoreNet(nn.Module):
     """s(y, sigma) = body(2y - 1) / sigma with a plain conv body (ELU between layers).
@@ -32,13 +34,13 @@ class ConvScoreNet(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, depth: int = 4,
                  dilations: Sequence[int] | None = None):
         super().__init__()
-        if depth < 2:
-            raise ValueError(f"depth must be >= 2, got {depth}")
-        if dilations is None:
-            dilations = (1,) * depth
-        dilations = tuple(int(d) for d in dilations)
-        if len(dilations) != depth or min(dilations) < 1:
-            raise ValueError(f"dilations must be {depth} integers >= 1, got {dilations}")
+        checks.integer("channels", channels, 1)
+        checks.integer("width", width, 1)
+        checks.integer("depth", depth, 2)
+        dilations = (1,) * depth if dilations is None else tuple(dilations)
+        if len(dilations) != depth:
+            raise ValueError(f"dilations must be {depth} integers >= 1 (one per layer), got {dilations}")
+        dilations = tuple(checks.integer("dilations entries", d, 1) for d in dilations)
         self.dilations = dilations
         self.config = {"channels": channels, "width": width, "depth": depth, "dilations": list(dilations)}
         d = dilations
@@ -110,14 +112,17 @@ def load_net(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.
         The network in eval mode.
 
     Raises:
-        ValueError: the file lacks the header entries `save_net` writes, or its weights do
-            not fit the declared architecture.
+        ValueError: the file is not safetensors, lacks the header entries `save_net` writes,
+            or its weights do not fit the declared architecture.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    with safe_open(os.fspath(path), framework="pt") as f:
-        header = f.metadata() or {}
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a safetensors file: {e}") from None
     if header.get("arch") not in _NETS or "arch_config" not in header:
         raise ValueError(f"{path} has no arch/arch_config header naming one of {sorted(_NETS)}")
     model = _NETS[header["arch"]](**json.loads(header["arch_config"]))

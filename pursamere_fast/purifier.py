@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import PurifyConfig
-from .purify import purify
+from . import checks
+from .purify import check_score, purify, resolve_config
 
 GRAD_MODES = ("none", "bpda", "full")
 
@@ -24,18 +24,24 @@ class Purifier(nn.Module):
             "bpda" (cuda_graph, score_dtype, channels_last, compile_score).
 
     Raises:
-        ValueError: unknown grad_mode, or a bad config field.
+        ValueError: unknown grad_mode, a score that is not callable, a bad config field, or
+            purify options with grad_mode "full" (which runs the reference loop and would
+            ignore them).
     """
 
     def __init__(self, score, config=None, *, grad_mode="none", backend="auto", purify_options=None, **overrides):
         super().__init__()
-        if grad_mode not in GRAD_MODES:
-            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+        self.grad_mode = checks.choice("grad_mode", grad_mode, GRAD_MODES)
+        checks.function("score", score)
         self.score = score
-        self.config = (config or PurifyConfig()).with_overrides(**overrides)
-        self.grad_mode = grad_mode
+        self.config = resolve_config(config, overrides)
         self.backend = backend
+        if purify_options is not None and not isinstance(purify_options, dict):
+            raise ValueError(f"purify_options must be a dict of purify keyword arguments, got {purify_options!r}")
         self.purify_options = dict(purify_options or {})
+        if grad_mode == "full" and self.purify_options:
+            raise ValueError(f"purify_options do not apply to grad_mode='full', which differentiates the reference "
+                             f"loop; got {self.purify_options}")
 
     def forward(self, x, noise=None):
         """Purify x (B, C, H, W) in [0, 1]; `noise` overrides the config's fixed noise."""

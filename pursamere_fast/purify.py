@@ -11,11 +11,14 @@ fallbacks (same signatures, same semantics) for "torch". How the score network r
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 
 import torch
+from torch import nn
 
-from . import graphs, kernels
+from . import checks, graphs, kernels
 from .config import PurifyConfig
 from .reference.purify import purify_reference
 
@@ -23,7 +26,7 @@ BACKENDS = ("auto", "reference", "torch", "triton")
 
 
 class NonFiniteScoreError(FloatingPointError):
-    """The score model produced NaN or Inf inside the loop."""
+    """The score model produced NaN or Inf inside the loop (its output or its input-gradient)."""
 
 
 def make_noise(config: PurifyConfig, image_shape, device=None, dtype=None) -> torch.Tensor:
@@ -39,9 +42,12 @@ def make_noise(config: PurifyConfig, image_shape, device=None, dtype=None) -> to
     Raises:
         ValueError: if image_shape is not three positive integers.
     """
+    if not isinstance(config, PurifyConfig):
+        raise ValueError(f"config must be a PurifyConfig, got {type(config).__name__}")
     image_shape = tuple(image_shape)
-    if len(image_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in image_shape):
-        raise ValueError(f"image_shape must be (C, H, W) of positive ints, got {image_shape}")
+    if len(image_shape) != 3:
+        raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
+    image_shape = tuple(checks.integer("image_shape entries", d, 1) for d in image_shape)
     gen = torch.Generator("cpu").manual_seed(config.seed)
     noise = torch.randn((config.num_steps, config.n_samples, *image_shape), generator=gen, dtype=torch.float32)
     return noise.to(device=device if device is not None else "cpu", dtype=dtype or torch.float32)
@@ -80,13 +86,20 @@ def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=
         or float64 for float64 inputs).
 
     Raises:
-        ValueError: bad input, config, noise, backend, option, or a score returning the wrong
-            shape.
-        NonFiniteScoreError: the score produced NaN/Inf; the message names the step and sigma.
+        ValueError: bad input, config, noise, backend or option; a score that is not callable,
+            returns the wrong shape, dtype or device, or returns a tensor that does not depend
+            on its input through autograd.
+        NonFiniteScoreError: the score's output or its input-gradient was NaN/Inf; the message
+            names the first such step and its sigma.
         RuntimeError: cuda_graph=True and the loop could not be captured.
+
+    Warns:
+        RuntimeWarning: the score module is in training mode with BatchNorm or Dropout.
     """
-    config = (config or PurifyConfig()).with_overrides(**overrides)
-    _check_images(x_adv)
+    config = resolve_config(config, overrides)
+    checks.images("x_adv", x_adv)
+    check_score(score)
+    checks.flag("return_ere", return_ere)
     backend = _resolve_backend(backend, x_adv.device)
     use_graph = _resolve_cuda_graph(cuda_graph, backend, x_adv.device, score)
     _check_score_options(score_dtype, channels_last, compile_score, x_adv.dtype)
@@ -95,7 +108,7 @@ def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=
     if noise is None:
         noise = make_noise(config, x_adv.shape[1:], device=x_adv.device, dtype=x_adv.dtype)
     else:
-        _check_noise(noise, shape)
+        checks.tensor("noise", noise, shape)
         noise = noise.to(device=x_adv.device, dtype=x_adv.dtype)
     options = graphs.ScoreOptions(score_dtype, channels_last, compile_score)
     score_fn = graphs.prepare_score(score, options)
@@ -106,20 +119,21 @@ def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=
         for chunk in x_adv.split(config.max_batch):
             chunk = chunk.detach().to(compute).clone()
             if backend == "reference":
-                x, trace, trace_sam = *purify_reference(chunk, score_fn, config, noise), None
+                x, trace, trace_sam, grad_sum = *purify_reference(chunk, _CheckedScore(score_fn, config), config, noise), \
+                    None, None
             elif use_graph:
                 def make_loop(chunk=chunk):
                     return _FusedLoop(score_fn, config, chunk.shape, chunk.dtype, chunk.device, backend)
 
-                x, trace, trace_sam = graphs.run_graphed(
-                    make_loop, chunk, noise, score=score, key=(config, backend, options), strict=cuda_graph is True
-                )
+                x, trace, trace_sam, grad_sum = graphs.run_graphed(
+                    make_loop, chunk, noise, score=score, key=graph_key(config, backend, options),
+                    strict=cuda_graph is True)
             else:
                 loop = _FusedLoop(score_fn, config, chunk.shape, chunk.dtype, chunk.device, backend)
                 loop.load(chunk, noise)
                 loop.run()
-                x, trace, trace_sam = loop.result()
-            _check_finite_trace(trace, trace_sam, config)
+                x, trace, trace_sam, grad_sum = loop.result()
+            check_finite(config, x, trace, trace_sam, grad_sum)
             outs.append(x)
             traces.append(trace)
         x_pur = torch.cat(outs).to(x_adv.dtype)
@@ -175,6 +189,10 @@ class _FusedLoop:
         self.ere_row = torch.empty(1, b, **empty)
         self.trace = torch.empty(k_total, b, **empty)
         self.trace_sam = torch.empty(k_total, b, **empty) if sam else None
+        # Per-step sum of each image's update gradient: NaN/Inf there means the score's
+        # input-gradient was not finite although its output was (the trace cannot see that).
+        self.grad_row = torch.empty(1, b, **empty)
+        self.grad_sum = torch.empty(k_total, b, **empty)
 
     def load(self, x_adv, noise):
         """Copy a (b, C, H, W) batch and (K, N, C, H, W) noise in and reset the state to step 0."""
@@ -201,6 +219,8 @@ class _FusedLoop:
             mc_reduce_sam(gy, self.x, self.eps, self.sigma, cfg.sam_radius, cfg.norm, self.g, self.y_sam)
             gy = self._score_vjp(self.y_sam, self.trace_sam)
         mc_reduce_sam(gy, self.x, self.eps, self.sigma, 0.0, cfg.norm, self.g)
+        torch.sum(self.g, 1, out=self.grad_row[0])
+        self.grad_sum.index_copy_(0, self.idx[:1], self.grad_row)
         adam_project(self.x, self.xa, self.m, self.v, self.g, self.lr, self.bc1, self.bc2,
                      beta1=cfg.betas[0], beta2=cfg.betas[1], adam_eps=cfg.adam_eps, rho=cfg.rho, norm=cfg.norm,
                      y_next=self.y, eps_next=self.eps_next, sigma_next=self.sigma_next)
@@ -212,19 +232,16 @@ class _FusedLoop:
             self.step()
 
     def result(self):
-        """(x, trace, trace_sam): views of the buffers, (b, C, H, W), (b, K), (b, K) or None."""
+        """(x, trace, trace_sam, grad_sum): views of the buffers, (b, C, H, W), (b, K), (b, K) or
+        None, (b, K)."""
         trace_sam = None if self.trace_sam is None else self.trace_sam.t()
-        return self.x.view(self.b, *self.img), self.trace.t(), trace_sam
+        return self.x.view(self.b, *self.img), self.trace.t(), trace_sam, self.grad_sum.t()
 
     def _score_vjp(self, y, trace):
         # dL/dy for L = sum_b e_b; the ERE itself goes to row k of `trace` as a by-product.
         b, n, d = self.b, self.n, self.d
         yl = y.view(b * n, *self.img).detach().requires_grad_(True)
-        s = self.score(yl, self.sigma_rows)
-        if not isinstance(s, torch.Tensor) or s.shape != yl.shape:
-            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(f"score returned shape {got}, expected {tuple(yl.shape)}")
-        s = s.to(self.dtype)
+        s = check_score_output(self.score(yl, self.sigma_rows), yl)
         ere_residual, _, _ = self._ops
         ere_residual(s.detach().reshape(b * n, d), self.eps, self.sigma, n, self.dlds, self.sqnorm)
         torch.mean(self.sqnorm.view(b, n), dim=1, out=self.ere_row[0])
@@ -234,17 +251,110 @@ class _FusedLoop:
         return gy.reshape(b, n, d)
 
 
-def _check_finite_trace(trace, trace_sam, config):
-    # One host sync after the loop instead of one per step.
-    bad = ~torch.isfinite(trace).all(0)
-    if trace_sam is not None:
-        bad |= ~torch.isfinite(trace_sam).all(0)
-    if bad.any():
-        k = int(bad.nonzero()[0])
-        raise NonFiniteScoreError(
-            f"score produced NaN/Inf at step {k} (sigma={config.step_sigmas()[k]:.6g}); "
-            "check the score model at this noise level"
-        )
+def resolve_config(config, overrides) -> PurifyConfig:
+    """`config` (default PurifyConfig()) with `overrides` applied; ValueError for anything else."""
+    if config is None:
+        config = PurifyConfig()
+    if not isinstance(config, PurifyConfig):
+        raise ValueError(f"config must be a PurifyConfig or None, got {type(config).__name__}")
+    return config.with_overrides(**overrides)
+
+
+def check_score(score) -> None:
+    """A callable score; warn when its module would make the purifier batch-dependent or random.
+
+    BatchNorm in training mode normalises with the statistics of the whole B*N batch (and
+    updates its running statistics), so an image's result depends on its batch-mates;
+    Dropout in training mode draws a fresh mask on every call.
+    """
+    checks.function("score", score)
+    module = graphs.module_of(score)
+    if module is None:
+        return
+    culprits = sorted({type(m).__name__ for m in module.modules() if m.training and (
+        isinstance(m, nn.modules.batchnorm._BatchNorm) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0))})
+    if culprits:
+        warnings.warn(f"score is in training mode with {', '.join(culprits)}: results then depend on the batch "
+                      "and on randomness, and running statistics change; call score.eval() before purifying",
+                      RuntimeWarning, stacklevel=3)
+
+
+def check_score_output(s, y: torch.Tensor) -> torch.Tensor:
+    """The score's output for input y, cast to y's dtype, or a ValueError saying what is wrong."""
+    if not isinstance(s, torch.Tensor) or not s.is_floating_point():
+        raise ValueError(f"score must return a floating torch.Tensor, got {getattr(s, 'dtype', type(s).__name__)}")
+    if s.shape != y.shape:
+        raise ValueError(f"score returned shape {tuple(s.shape)}, expected {tuple(y.shape)}")
+    if s.device != y.device:
+        raise ValueError(f"score returned a tensor on {s.device}, expected {y.device} (the input's device)")
+    if y.requires_grad and not s.requires_grad:
+        raise ValueError("score returned a tensor that does not depend on its input y through autograd (detached, "
+                         "computed under torch.no_grad(), or constant): purification descends the score's gradient "
+                         "with respect to y")
+    return s.to(y.dtype)
+
+
+class _CheckedScore:
+    """The score as the reference and exact loops call it, checked at every call.
+
+    Those loops keep no per-step record of the gradient, so a NaN/Inf is caught where it first
+    enters: in the score's output, or in its input (x_adv and the noise are checked finite, so
+    only a NaN/Inf update gets there). They call the score once per ERE evaluation, one per
+    step, two with SAM, so the call count gives the step. One host sync per call, on paths
+    that are slow anyway. Make one per chunk: the count starts at step 0.
+    """
+
+    def __init__(self, score, config: PurifyConfig):
+        self.score, self.config, self.calls = score, config, 0
+        self.per_step = 2 if config.sam_radius > 0 else 1
+
+    def __call__(self, y, sigma):
+        k, first = divmod(self.calls, self.per_step)
+        self.calls += 1
+        if not bool(torch.isfinite(y.detach()).all()):
+            raise _grad_error(self.config, k - 1 if first == 0 else k)
+        s = check_score_output(self.score(y, sigma), y)
+        if not bool(torch.isfinite(s.detach()).all()):
+            raise _output_error(self.config, k)
+        return s
+
+
+def _output_error(config, k):
+    return NonFiniteScoreError(f"score produced NaN/Inf at step {k} (sigma={config.step_sigmas()[k]:.6g}); "
+                               "check the score model at this noise level")
+
+
+def _grad_error(config, k):
+    return NonFiniteScoreError(f"the gradient through the score (its input-gradient) was NaN/Inf at step {k} "
+                               f"(sigma={config.step_sigmas()[k]:.6g}) although its output was finite; "
+                               "check the score model's backward at this noise level")
+
+
+def graph_key(config: PurifyConfig, backend: str, options) -> tuple:
+    """What a captured loop depends on besides the score and the batch shape. Not the seed: the
+    noise is loaded into the graph as data, so EoT draws with fresh seeds replay one capture;
+    not max_batch: the chunk's shape is keyed on its own."""
+    return dataclasses.replace(config, seed=0, max_batch=1), backend, options
+
+
+def check_finite(config: PurifyConfig, x, trace, trace_sam=None, grad_sum=None) -> None:
+    """Raise NonFiniteScoreError naming the first step whose score output or input-gradient was
+    NaN/Inf, or saying that the purified images are not finite. One host sync per chunk."""
+    def first_bad(*traces):
+        bad = torch.zeros(trace.shape[1], dtype=torch.bool, device=trace.device)
+        for t in traces:
+            if t is not None:
+                bad |= ~torch.isfinite(t).all(0)
+        return int(bad.nonzero()[0]) if bool(bad.any()) else None
+
+    k_out, k_grad = first_bad(trace, trace_sam), first_bad(grad_sum)
+    if k_out is not None and (k_grad is None or k_out <= k_grad):
+        raise _output_error(config, k_out)
+    if k_grad is not None:
+        raise _grad_error(config, k_grad)
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteScoreError("purified images contain NaN/Inf although every score output was finite: the "
+                                  "gradient through the score (its input-gradient) was not finite")
 
 
 def _resolve_cuda_graph(cuda_graph, backend, device, score):
@@ -270,14 +380,12 @@ def _check_score_options(score_dtype, channels_last, compile_score, input_dtype)
     if score_dtype is not None and input_dtype == torch.float64:
         raise ValueError("score_dtype=torch.bfloat16 needs a float32 (or lower precision) x_adv: the float64 path "
                          "exists to match the reference exactly; got x_adv of dtype torch.float64")
-    for name, value in (("channels_last", channels_last), ("compile_score", compile_score)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
+    checks.flag("channels_last", channels_last)
+    checks.flag("compile_score", compile_score)
 
 
 def _resolve_backend(backend, device):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    checks.choice("backend", backend, BACKENDS)
     if backend == "auto":
         return "triton" if device.type == "cuda" and kernels.use_triton(device) else "torch"
     if backend == "triton" and not kernels.use_triton(device):
@@ -286,29 +394,3 @@ def _resolve_backend(backend, device):
             f"got device {device}, triton available: {kernels.triton_available()}"
         )
     return backend
-
-
-def _check_images(x):
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x_adv must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x_adv must have 4 dims (B, C, H, W), got ndim={x.dim()} shape={tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"x_adv must be a floating tensor, got dtype={x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"x_adv must not be empty, got shape={tuple(x.shape)}")
-    x = x.detach()
-    if not torch.isfinite(x).all():
-        raise ValueError("x_adv contains NaN or Inf")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1e-6 or hi > 1 + 1e-6:
-        raise ValueError(f"x_adv must lie in [0, 1], got values in [{lo:.6g}, {hi:.6g}]")
-
-
-def _check_noise(noise, shape):
-    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
-        raise ValueError(f"noise must be a floating torch.Tensor, got {getattr(noise, 'dtype', type(noise))}")
-    if tuple(noise.shape) != tuple(shape):
-        raise ValueError(f"noise must have shape (K, N, C, H, W) = {tuple(shape)}, got {tuple(noise.shape)}")
-    if not torch.isfinite(noise).all():
-        raise ValueError("noise contains NaN or Inf")

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pursamere_fast import checks
+from pursamere_fast.cli import ArgumentParser, existing_file, integer, listed, option_errors, random_seed, real
 from pursamere_fast.config import geometric_sigmas
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -71,22 +73,16 @@ def _generator(seed: int, *stream: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(state))
 
 
-def _as_images(images, name: str = "images") -> torch.Tensor:
-    images = torch.as_tensor(images)
-    if images.ndim != 4 or not images.is_floating_point():
-        raise ValueError(f"{name} must be a float (N, C, H, W) array, got {images.dtype} {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
-    if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
-        raise ValueError(f"{name} must be finite and in [0, 1], got range "
-                         f"[{images.min().item()}, {images.max().item()}]")
-    return images.float()
+def _images(images) -> torch.Tensor:
+    # The loaders return numpy arrays: accept those too.
+    return checks.images("images", torch.as_tensor(images)).float()
 
 
-def _check_positive(**kwargs) -> None:
-    for name, value in kwargs.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
+def _sigmas(sigmas) -> tuple[float, ...]:
+    sigmas = checks.reals("sigmas", sigmas)
+    if min(sigmas) <= 0:
+        raise ValueError(f"sigmas must be positive numbers, got {sigmas}")
+    return sigmas
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -254,13 +250,16 @@ def train_score(model: nn.Module, images, *, sigmas: Sequence[float], steps: int
     Raises:
         ValueError: bad arguments, or a checkpoint made with other hyperparameters or past `steps`.
     """
-    images = _as_images(images)
-    sig = torch.as_tensor(sigmas, dtype=torch.float32)
-    if sig.ndim != 1 or sig.numel() == 0 or not (sig > 0).all():
-        raise ValueError(f"sigmas must be a non-empty sequence of positive floats, got {sigmas}")
-    _check_positive(steps=steps, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every)
-    if not 0 <= ema < 1:
-        raise ValueError(f"ema must be in [0, 1), got {ema}")
+    images = _images(images)
+    sig = torch.tensor(_sigmas(sigmas), dtype=torch.float32)
+    steps = checks.integer("steps", steps, 1)
+    batch_size = checks.integer("batch_size", batch_size, 1)
+    lr = checks.real("lr", lr, positive=True)
+    checkpoint_every = checks.integer("checkpoint_every", checkpoint_every, 1)
+    seed = checks.seed("seed", seed)
+    # ema = 1 would freeze the exported weights at their initialization.
+    if checks.real("ema", ema, 0, 1) == 1:
+        raise ValueError(f"ema must be a finite number >= 0 and < 1, got {ema!r}")
     device = _device_of(model)
     hparams = {"sigmas": [float(s) for s in sig], "batch_size": batch_size, "lr": lr, "ema": ema,
                "seed": seed, "images": list(images.shape), "images_sum": round(float(images.double().sum()), 3)}
@@ -353,12 +352,13 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
     Raises:
         ValueError: bad arguments, or a checkpoint made with other hyperparameters or past `epochs`.
     """
-    images = _as_images(images)
-    labels = torch.as_tensor(labels)
-    if labels.ndim != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
-        raise ValueError(f"labels must be integer (N,) with N={images.shape[0]}, got {labels.dtype} {tuple(labels.shape)}")
-    labels = labels.long()
-    _check_positive(epochs=epochs, batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every)
+    images = _images(images)
+    labels = checks.labels("labels", torch.as_tensor(labels), images.shape[0]).long()
+    epochs = checks.integer("epochs", epochs, 1)
+    batch_size = checks.integer("batch_size", batch_size, 1)
+    lr = checks.real("lr", lr, positive=True)
+    checkpoint_every = checks.integer("checkpoint_every", checkpoint_every, 1)
+    seed = checks.seed("seed", seed)
     device = _device_of(model)
     config_desc = None
     if purify_score is not None:
@@ -424,10 +424,9 @@ def evaluate_classifier(model: nn.Module, images, labels, batch_size: int = 500)
     Raises:
         ValueError: images not float (N, C, H, W) in [0, 1], or labels not (N,).
     """
-    images = _as_images(images)
-    labels = torch.as_tensor(labels).long()
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+    images = _images(images)
+    labels = checks.labels("labels", torch.as_tensor(labels), images.shape[0])
+    batch_size = checks.integer("batch_size", batch_size, 1)
     device = _device_of(model)
     model.eval()
     correct = 0
@@ -453,12 +452,13 @@ def evaluate_denoiser(score: Callable, images, sigmas: Sequence[float], *, seed:
         {sigma: {"tweedie_mse": ..., "noisy_mse": ..., "n": N}}, MSE per pixel averaged over
         the images (noisy_mse is the error of the noisy input y itself).
     """
-    images = _as_images(images)
-    z = torch.randn(images.shape, generator=_generator(seed, 0))
+    images = _images(images)
+    sigmas = _sigmas(sigmas)
+    batch_size = checks.integer("batch_size", batch_size, 1)
+    z = torch.randn(images.shape, generator=_generator(checks.seed("seed", seed), 0))
     out: dict[float, dict[str, float]] = {}
     device = _device_of(score) if isinstance(score, nn.Module) else torch.device("cpu")
     for sigma in sigmas:
-        _check_positive(sigma=sigma)
         se_tw = se_noisy = 0.0
         for i in range(0, images.shape[0], batch_size):
             x = images[i:i + batch_size].to(device).double()
@@ -478,8 +478,14 @@ def _load_dataset(name: str, root: str | None, split: str):
     if name == "fashion-mnist":
         return load_fashion_mnist(split, root)
     if root is None:
-        raise ValueError("--data-root is required for cifar10")
+        raise ValueError("required for --dataset cifar10")
     return load_cifar10(root, split)
+
+
+def _load_datasets(p: argparse.ArgumentParser, args):
+    with option_errors(p, "--data-root"):
+        return (_load_dataset(args.dataset, args.data_root, "train"),
+                _load_dataset(args.dataset, args.data_root, "test"))
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
@@ -488,44 +494,44 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None,
                    help="dataset directory (Fashion-MNIST default: $PURSAMERE_FASHION_MNIST, "
                         "then /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--width", type=int, default=32, help="hidden channels of the network")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (constant)")
-    p.add_argument("--seed", type=int, default=0, help="fixes initialization, data order and noise")
+    p.add_argument("--width", type=integer(1), default=32, help="hidden channels of the network")
+    p.add_argument("--batch-size", type=integer(1), default=64, help="images per step")
+    p.add_argument("--lr", type=real(positive=True), default=1e-3, help="Adam learning rate (constant)")
+    p.add_argument("--seed", type=random_seed, default=0, help="fixes initialization, data order and noise")
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     p.add_argument("--export", default=None, help="also write the final weights (safetensors) here")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-
-
-def _int_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in text.split(","))
 
 
 def main_train_score(argv: Sequence[str] | None = None) -> int:
     """``pursamere-fast train-score``: train a ConvScoreNet, evaluate its denoising, export it."""
     from pursamere_fast.nets import ConvScoreNet, save_net
 
-    p = argparse.ArgumentParser(prog="pursamere-fast train-score", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Train a ConvScoreNet by multi-sigma denoising score matching, "
-                                            "report its Tweedie denoising on test images, export it. "
-                                            "The defaults reproduce the shipped Fashion-MNIST score model.")
+    p = ArgumentParser(prog="pursamere-fast train-score", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train a ConvScoreNet by multi-sigma denoising score matching, "
+                                   "report its Tweedie denoising on test images, export it. "
+                                   "The defaults reproduce the shipped Fashion-MNIST score model.")
     _common_args(p)
-    p.add_argument("--depth", type=int, default=7, help="conv layers")
-    p.add_argument("--dilations", type=_int_tuple, default=(1, 2, 3, 4, 3, 2, 1),
+    p.add_argument("--depth", type=integer(2), default=7, help="conv layers")
+    p.add_argument("--dilations", type=listed(integer(1)), default=[1, 2, 3, 4, 3, 2, 1],
                    help="comma-separated dilation per conv layer (length --depth)")
-    p.add_argument("--sigma-max", type=float, default=1.0, help="largest sigma of the geometric ladder")
-    p.add_argument("--sigma-min", type=float, default=0.01, help="smallest sigma of the ladder")
-    p.add_argument("--num-sigmas", type=int, default=20, help="levels of the ladder")
-    p.add_argument("--steps", type=int, default=6000, help="total optimizer steps (a resumed run goes up to it)")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights")
-    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
-    p.add_argument("--eval-n", type=int, default=1000, help="test images for the denoising figures")
+    p.add_argument("--sigma-max", type=real(positive=True), default=1.0, help="largest sigma of the geometric ladder")
+    p.add_argument("--sigma-min", type=real(positive=True), default=0.01, help="smallest sigma of the ladder")
+    p.add_argument("--num-sigmas", type=integer(1), default=20, help="levels of the ladder")
+    p.add_argument("--steps", type=integer(1), default=6000,
+                   help="total optimizer steps (a resumed run goes up to it)")
+    p.add_argument("--ema", type=real(0, 1), default=0.999, help="EMA decay of the exported weights, < 1")
+    p.add_argument("--checkpoint-every", type=integer(1), default=250, help="steps between checkpoints")
+    p.add_argument("--eval-n", type=integer(1), default=1000, help="test images for the denoising figures")
     args = p.parse_args(argv)
-    if args.threads:
+    if len(args.dilations) != args.depth:
+        p.error(f"argument --dilations: must be --depth ({args.depth}) integers, got {len(args.dilations)}")
+    if args.ema == 1:
+        p.error(f"argument --ema: value must be a finite number >= 0 and < 1, got {args.ema!r}")
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    images, _ = _load_dataset(args.dataset, args.data_root, "train")
-    test, _ = _load_dataset(args.dataset, args.data_root, "test")
+    (images, _), (test, _) = _load_datasets(p, args)
     torch.manual_seed(args.seed)
     model = ConvScoreNet(images.shape[1], args.width, args.depth, dilations=args.dilations)
     sigmas = geometric_sigmas(args.sigma_max, args.sigma_min, args.num_sigmas)
@@ -536,7 +542,7 @@ def main_train_score(argv: Sequence[str] | None = None) -> int:
                          progress=not args.no_progress)
     seconds = time.time() - t0
     denoise = evaluate_denoiser(result.model, test[:args.eval_n], (0.01, 0.05, 0.1, 0.25, 0.5), seed=args.seed)
-    metrics = {"kind": "score", "args": vars(args) | {"dilations": list(args.dilations)},
+    metrics = {"kind": "score", "args": vars(args),
                "sigmas": list(sigmas), "steps": result.step, "seconds_this_invocation": round(seconds, 1),
                "final_loss_mean_last_100": float(np.mean([v for _, v in result.losses[-100:]])),
                "denoising_test": {str(k): v for k, v in denoise.items()}}
@@ -553,32 +559,39 @@ def main_train_classifier(argv: Sequence[str] | None = None) -> int:
     """``pursamere-fast train-classifier``: train a SmallCNN, measure test accuracy, export it."""
     from pursamere_fast.nets import SmallCNN, load_net, save_net
 
-    p = argparse.ArgumentParser(prog="pursamere-fast train-classifier",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Train a SmallCNN classifier (optionally with purified augmentation), "
-                                            "measure its test accuracy, export it. The defaults reproduce the "
-                                            "shipped Fashion-MNIST classifier.")
+    p = ArgumentParser(prog="pursamere-fast train-classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train a SmallCNN classifier (optionally with purified augmentation), "
+                                   "measure its test accuracy, export it. The defaults reproduce the "
+                                   "shipped Fashion-MNIST classifier.")
     _common_args(p)
     p.set_defaults(batch_size=128)
-    p.add_argument("--epochs", type=int, default=4, help="passes over the training set (a resumed run goes up to it)")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    p.add_argument("--purify-score", default=None,
+    p.add_argument("--epochs", type=integer(1), default=4,
+                   help="passes over the training set (a resumed run goes up to it)")
+    p.add_argument("--checkpoint-every", type=integer(1), default=200, help="steps between checkpoints")
+    p.add_argument("--purify-score", type=existing_file, default=None,
                    help="score model file (safetensors from train-score) for purified augmentation")
     p.add_argument("--purify-config", default=None,
-                   help="JSON object of PurifyConfig fields for the augmentation (sam_radius is forced to 0)")
+                   help="JSON object of PurifyConfig fields for the augmentation (sam_radius is forced to 0; "
+                        "needs --purify-score)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    images, labels = _load_dataset(args.dataset, args.data_root, "train")
-    test_x, test_y = _load_dataset(args.dataset, args.data_root, "test")
-    torch.manual_seed(args.seed)
-    model = SmallCNN(images.shape[1], 10, args.width, images.shape[-1])
     score = config = None
     if args.purify_score:
         from pursamere_fast import PurifyConfig
 
-        score = load_net(args.purify_score)
-        config = PurifyConfig(**json.loads(args.purify_config)) if args.purify_config else PurifyConfig()
+        with option_errors(p, "--purify-score"):
+            score = load_net(args.purify_score)
+        with option_errors(p, "--purify-config"):
+            fields = json.loads(args.purify_config or "{}")
+            if not isinstance(fields, dict):
+                raise ValueError(f"value must be a JSON object, got {args.purify_config!r}")
+            config = PurifyConfig().with_overrides(**fields)
+    elif args.purify_config:
+        p.error("argument --purify-config: needs --purify-score")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    (images, labels), (test_x, test_y) = _load_datasets(p, args)
+    torch.manual_seed(args.seed)
+    model = SmallCNN(images.shape[1], 10, args.width, images.shape[-1])
     t0 = time.time()
     result = train_classifier(model, images, labels, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               out_dir=args.out, seed=args.seed, purify_score=score, purify_config=config,

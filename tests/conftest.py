@@ -52,3 +52,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_report_header(config):
+    # Which CPU kernels ran: tolerances must hold under all of them (tests/cpu_kernels.sh).
+    return (f"torch {torch.__version__}, CPU kernels: ATen {torch.backends.cpu.get_cpu_capability()}, "
+            f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(native)')}")

@@ -9,6 +9,8 @@ from kernel_checks import assert_2x, assert_equal
 from pursamere_fast.kernels import adam_project, adam_project_torch, use_triton
 from pursamere_fast.reference.adam_project import adam_project as adam_project_ref
 
+pytestmark = pytest.mark.numerics
+
 BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
 
 
@@ -124,6 +126,7 @@ def test_float64(device, shapes, norm):
         if name == "torch" and device.type == "cpu":
             for label, out, ref in (("x", xo, x64), ("m", mo, m64), ("v", vo, v64)):
                 assert_equal(f"torch {label}", out, ref)
+        # float64 elementwise arithmetic: a few ulp at most (measured 7e-17 under the interpreter).
         for label, out, ref in (("x", xo, x64), ("m", mo, m64), ("v", vo, v64)):
             torch.testing.assert_close(out.cpu(), ref, rtol=1e-15, atol=1e-15, msg=lambda s: f"{name} {label}: {s}")
 
@@ -138,6 +141,7 @@ def test_first_step_moves_x_against_the_gradient(device, norm):
     for name, fn in _impls(device):
         xo, mo, vo, _ = _run(fn, x_adv, x_adv, torch.zeros(b, d), torch.zeros(b, d), g, sched, 0, 1.0, norm, device)
         step = (xo.cpu() - x_adv).double()
+        # Adam's first step is -lr * g / (|g| + eps): off sign(g) by adam_eps / |g|, measured 1e-6.
         torch.testing.assert_close(step, -lr * torch.sign(g).double(), rtol=1e-4, atol=0.0,
                                    msg=lambda s: f"{name}: {s}")  # fmt: skip
         torch.testing.assert_close(mo.cpu(), (1 - BETA1) * g)
@@ -190,9 +194,9 @@ def test_nan_gradient_propagates(device, norm):
         (dict(lr=0.1), "lr must be a 0-dim tensor"),
         (dict(bc2=torch.tensor(0.1, dtype=torch.float64)), "bc2 must have dtype"),
         (dict(beta1=1.0), r"beta1 must be in \[0, 1\)"),
-        (dict(rho=-1.0), "rho must be a Python number >= 0"),
-        (dict(rho=float("nan")), "rho must be a Python number >= 0"),
-        (dict(norm="linfinity"), "norm must be 'linf' or 'l2'"),
+        (dict(rho=-1.0), "rho must be a finite number >= 0"),
+        (dict(rho=float("nan")), "rho must be a finite number >= 0"),
+        (dict(norm="linfinity"), "norm must be one of"),
         (dict(g=torch.zeros(2, 6)), r"g must have shape \(2, 5\)"),
         (dict(y_next=torch.zeros(2, 3, 5)), "y_next, eps_next and sigma_next go together"),
         (dict(y_next=torch.zeros(2, 3, 5), eps_next=torch.zeros(2, 5), sigma_next=torch.tensor(0.1)),

@@ -219,3 +219,40 @@ def test_cifar_missing_and_bad_split(tmp_path):
         load_cifar10(tmp_path, "train")
     with pytest.raises(ValueError, match="split"):
         load_cifar10(tmp_path, "val")
+
+
+@pytest.mark.parametrize("dims, payload", [
+    ((2**31,), 10),               # far more than the file holds
+    ((2**31, 2**31, 4), 0),       # product 2**64: wraps to 0 in int64 and would "match" an empty payload
+    ((2**32 - 1,) * 4, 16),
+])
+def test_read_idx_refuses_header_dims_beyond_the_file(tmp_path, dims, payload):
+    path = tmp_path / "huge.idx"
+    path.write_bytes(bytes([0, 0, 0x08, len(dims)]) + struct.pack(f">{len(dims)}I", *dims) + bytes(payload))
+    with pytest.raises(ValueError, match="huge.idx is truncated"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("labels, bad", [
+    ([0, 1.7], "1.7"),            # a float would be truncated to 1
+    ([0, True], "True"),          # a bool would be cast to 1
+    ([0, "3"], "'3'"),
+    ([0, 10], "10"),
+    ([-1, 0], "-1"),
+    (np.array([0.0, 1.0]), "0.0"),
+])
+def test_cifar_refuses_labels_that_are_not_class_indices(tmp_path, labels, bad):
+    write_cifar(tmp_path)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, f, protocol=2)
+    with pytest.raises(ValueError, match=r"test_batch: label \d must be an integer >= 0 and <= 9, got ") as err:
+        load_cifar10(tmp_path, "test")
+    assert bad in str(err.value).rsplit(", got ", 1)[1]  # numpy 2 shows np.float64(0.0)
+
+
+def test_cifar_refuses_labels_that_are_not_a_list(tmp_path):
+    write_cifar(tmp_path)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": b"\x00\x01"}, f, protocol=2)
+    with pytest.raises(ValueError, match="test_batch: b'labels' is bytes"):
+        load_cifar10(tmp_path, "test")

@@ -17,9 +17,12 @@ def test_demo_prints_table_and_writes_pngs(tmp_path, capsys):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
 
 
-def test_demo_rejects_bad_n(tmp_path):
-    with pytest.raises(ValueError, match="--n"):
+def test_demo_rejects_bad_n_on_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         demo.main(["--n", "0", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("pursamere-fast demo: error: argument --n: value must be an integer "
+                                       ">= 1 and <= 1000, got 0\n")
 
 
 def test_cli_example_and_usage(capsys):

@@ -7,6 +7,8 @@ from kernel_checks import assert_2x, assert_equal
 from pursamere_fast.kernels import ere_residual, ere_residual_torch, use_triton
 from pursamere_fast.reference.ere_residual import ere_residual as ere_residual_ref
 
+pytestmark = pytest.mark.numerics
+
 
 
 
@@ -62,6 +64,7 @@ def test_float64(device, shapes, case):
         grad, sqnorm = _run(fn, s, eps, sig_t, n, device)
         if name == "torch" and device.type == "cpu":
             assert_equal("torch grad", grad, g64)
+        # float64 elementwise: a few ulp at most (measured 4.6e-17 under the interpreter).
         torch.testing.assert_close(grad.cpu(), g64, rtol=1e-15, atol=1e-15, msg=lambda m: f"{name} grad: {m}")
         # ||r||^2 as the square of torch's norm (fallback) or a blocked sum (kernel).
         torch.testing.assert_close(sqnorm.cpu(), q64, rtol=1e-14, atol=0.0, msg=lambda m: f"{name} sqnorm: {m}")
@@ -75,6 +78,7 @@ def test_gradient_is_that_of_the_ere():
     loss = ((eps.repeat(b, 1) + sig_t[2] * s) ** 2).sum() / n
     (expected,) = torch.autograd.grad(loss, s)
     grad, sqnorm = _run(ere_residual_torch, s.detach(), eps, sig_t, n, torch.device("cpu"))
+    # float64 against autograd of the same loss: measured 3.4e-16 relative.
     torch.testing.assert_close(grad, expected, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(sqnorm.sum() / n, loss.detach(), rtol=1e-14, atol=0.0)
 
@@ -87,7 +91,7 @@ def test_gradient_is_that_of_the_ere():
         (dict(sigma=torch.ones(1)), "sigma must be a 0-dim tensor"),
         (dict(sigma=torch.tensor(0.3, dtype=torch.float64)), "sigma must have dtype"),
         (dict(n_samples=4), "not a multiple of n_samples=4"),
-        (dict(n_samples=0), "n_samples must be an int >= 1"),
+        (dict(n_samples=0), "n_samples must be an integer >= 1"),
         (dict(eps=torch.zeros(3, 6)), r"eps must have shape \(3, 5\)"),
         (dict(s=torch.zeros(5, 6).t()), "s must be contiguous"),
         (dict(s=torch.zeros(6, 5, dtype=torch.int64)), "s must be a float32 or float64"),

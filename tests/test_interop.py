@@ -15,7 +15,7 @@ torchattacks = pytest.importorskip("torchattacks", reason="install with `pip ins
 N = 1000
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]
 
 
 class _Tempered(torch.nn.Module):
@@ -40,11 +40,6 @@ def setup():
     return _Tempered(clf, 10.0).eval(), xt, yt
 
 
-def _acc(model, x, y):
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).double().mean().item()
-
-
 def _theirs(attack_cls, model, x, y, seed, **kw):
     # torchattacks draws its random start from the global RNG: seed it without leaking.
     with torch.random.fork_rng(devices=[]):
@@ -52,30 +47,49 @@ def _theirs(attack_cls, model, x, y, seed, **kw):
         return attack_cls(model, **kw)(x, y)
 
 
-@pytest.mark.parametrize("norm, eps, cls", [("linf", 0.05, "PGD"), ("l2", 0.5, "PGDL2")])
+def _correct(model, x, y):
+    with torch.no_grad():
+        return model(x).argmax(1) == y
+
+
+BUDGETS = [("linf", 0.05, "PGD"), ("linf", 0.06, "PGD"), ("l2", 0.4, "PGDL2"), ("l2", 0.5, "PGDL2")]
+
+
+@pytest.mark.parametrize("norm, eps, cls", BUDGETS)
 def test_without_random_start_is_the_same_algorithm(setup, norm, eps, cls):
     clf, x, y = setup
     kw = dict(eps=eps, alpha=eps / 4, steps=10, random_start=False)
     ours = pgd(clf, x, y, norm=norm, **kw)
     theirs = _theirs(getattr(torchattacks, cls), clf, x, y, 0, **kw)
     dist = (ours - theirs).flatten(1).norm(dim=1)
-    # Float rounding (mean vs summed loss) may move a rare sample a little: measured at l2 0.5,
-    # median 3e-7, one sample of 1,000 at 2.5e-3 (0.5% of eps).
-    assert dist.median().item() < 1e-5 and dist.max().item() < 0.01 * eps
-    assert _acc(clf, ours, y) == _acc(clf, theirs, y)
+    # The same algorithm up to float rounding (ours: summed loss, delta-space update; theirs: mean
+    # loss, image-space update). Rounding stays at rounding size along most trajectories (median
+    # 2.7e-7 on AVX2, AVX-512, SSE4.1 and scalar kernels alike), but a trajectory that passes
+    # close to a sign flip or a projection boundary can amplify it: one sample of 1,000 ended
+    # 3.8e-3 apart on AVX2 (0.75% of eps), 6.2e-3 on an AVX-512 CPU, none on scalar kernels.
+    # So: rounding-size agreement for all but 1% of the samples, and predictions that differ only
+    # where the iterates do.
+    diverged = dist > 1e-4 * eps
+    assert dist.median().item() < 1e-5, dist.median().item()
+    assert diverged.sum().item() <= 0.01 * len(x), f"{diverged.sum().item()} samples diverged"
+    flipped = _correct(clf, ours, y) != _correct(clf, theirs, y)
+    assert not (flipped & ~diverged).any(), "predictions differ where the iterates agree to rounding"
 
 
-@pytest.mark.parametrize("norm, eps, cls", [("linf", 0.05, "PGD"), ("linf", 0.06, "PGD"), ("l2", 0.4, "PGDL2"),
-                                            ("l2", 0.5, "PGDL2")])
-@pytest.mark.parametrize("random_start", [True, False])
-def test_robust_accuracy_agrees_within_2pp(setup, norm, eps, cls, random_start):
+@pytest.mark.parametrize("norm, eps, cls", BUDGETS)
+def test_equally_strong_with_random_starts(setup, norm, eps, cls):
     clf, x, y = setup
-    kw = dict(eps=eps, alpha=eps / 4, steps=10, random_start=random_start)
-    ours = _acc(clf, pgd(clf, x, y, norm=norm, seed=0, **kw), y)
-    theirs = _acc(clf, _theirs(getattr(torchattacks, cls), clf, x, y, 0, **kw), y)
+    kw = dict(eps=eps, alpha=eps / 4, steps=10, random_start=True)
+    ours = _correct(clf, pgd(clf, x, y, norm=norm, seed=0, **kw), y)
+    theirs = _correct(clf, _theirs(getattr(torchattacks, cls), clf, x, y, 0, **kw), y)
     # The budget is in the sensitive range: the attack changes many predictions.
-    assert 0.1 < ours < _acc(clf, x, y) - 0.2
-    assert abs(ours - theirs) <= 0.02, (ours, theirs)
+    assert 0.1 < ours.double().mean().item() < _correct(clf, x, y).double().mean().item() - 0.2
+    # Different random starts: the two attacks agree in distribution, not per sample. Paired test
+    # of equal strength at 4 sigma (b, c: samples only one attack broke; false alarm 6e-5 per
+    # case). Measured |b - c| = 1..12 against bounds 12..26 on AVX2 and scalar kernels; a fixed
+    # 2 pp bar had a 1.2 pp case, a 2-sigma margin on another CPU.
+    b, c = (~ours & theirs).sum().item(), (ours & ~theirs).sum().item()
+    assert abs(b - c) <= 4 * (b + c) ** 0.5 + 1, (b, c)
 
 
 def _purified(clf, **kw):
@@ -90,7 +104,7 @@ def test_torchattacks_apgd_runs_on_purified_classifier(setup):
     with torch.random.fork_rng(devices=[]):
         x_adv = torchattacks.APGD(model, norm="Linf", eps=0.1, steps=5, n_restarts=1, seed=0)(x, y)
     assert (x_adv - x).abs().max().item() <= 0.1 + 1e-6
-    assert _acc(model, x_adv, y) < _acc(model, x, y) - 0.2
+    assert _correct(model, x_adv, y).double().mean() < _correct(model, x, y).double().mean() - 0.2
 
 
 def _randomized_flag(model, x, n=5, tol=1e-4):

@@ -7,6 +7,8 @@ from kernel_checks import assert_2x, assert_equal
 from pursamere_fast.kernels import mc_reduce_sam, mc_reduce_sam_torch, use_triton
 from pursamere_fast.reference.mc_reduce_sam import mc_reduce_sam as mc_reduce_sam_ref
 
+pytestmark = pytest.mark.numerics
+
 # (norm, radius, write out_y); without out_y the norm and radius play no part.
 MODES = [("linf", 0.0, False), ("linf", 0.0, True), ("linf", 0.05, True), ("l2", 0.0, True), ("l2", 0.7, True)]
 
@@ -68,6 +70,7 @@ def test_float64(device, shapes, norm, radius, write_y):
             continue
         if name == "torch" and device.type == "cpu":
             assert_equal("torch y", y, y64)
+        # float64 elementwise after one per-image norm: measured bitwise equal.
         torch.testing.assert_close(y.cpu(), y64, rtol=1e-15, atol=1e-15, msg=lambda m: f"{name} y: {m}")
 
 
@@ -107,9 +110,9 @@ def test_nan_gradient_like_torch_sign(device):
     "bad, match",
     [
         (dict(sigma=0.3), "sigma must be a 0-dim tensor"),
-        (dict(radius=-0.1), "radius must be a Python number >= 0"),
-        (dict(radius=torch.tensor(0.1)), "radius must be a Python number >= 0"),
-        (dict(norm="l1"), "norm must be 'linf' or 'l2'"),
+        (dict(radius=-0.1), "radius must be a finite number >= 0"),
+        (dict(radius=torch.tensor(0.1)), "radius must be a finite number >= 0"),
+        (dict(norm="l1"), "norm must be one of"),
         (dict(gy=torch.zeros(2, 15)), r"gy must be 3-D"),
         (dict(x=torch.zeros(3, 5)), r"x must have shape \(2, 5\)"),
         (dict(eps=torch.zeros(3, 5, dtype=torch.float64)), "eps must have dtype"),

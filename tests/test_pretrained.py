@@ -17,7 +17,7 @@ from pursamere_fast.pretrained import (
 ACCURACY_1000_BOUND = 0.89
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ from pursamere_fast import NonFiniteScoreError, Purifier, PurifyConfig, make_noi
 from pursamere_fast.nets import ConvScoreNet
 from pursamere_fast.reference import purify_reference
 
+pytestmark = pytest.mark.numerics
+
 SHAPE = (3, 2, 5, 7)  # B, C, H, W: D = 70, odd, so every kernel's tail is exercised
 
 CONFIGS = {
@@ -47,6 +49,8 @@ def test_torch_backend_float64_equals_reference(name):
     score = make_score(torch.float64)
     ref, ref_ere = reference64(x, score, cfg)
     out, ere = purify(x, score, cfg, backend="torch", return_ere=True)
+    # float64, the same arithmetic in another order: measured 1.1e-16..2.2e-16 (AVX-512, AVX2,
+    # scalar kernels); 1e-9 leaves room for the K-step amplification float32 would show.
     assert (out - ref).abs().max().item() <= 1e-9
     assert (ere - ref_ere).abs().max().item() <= 1e-9 * ref_ere.abs().max().item()
 
@@ -109,6 +113,9 @@ def test_batch_invariance(backend):
     x = make_images()
     cfg = small_config()
     full = purify(x, make_score(), cfg, backend=backend)
+    # The loop is per image; only the score network's convolution algorithm may change with the
+    # batch size, and K Adam steps amplify its rounding: measured <= 6e-8 under AVX-512, AVX2,
+    # SSE4.1 and scalar kernels. 1e-6 is 17x that and 10^4x below a real mix-up of images.
     for i in range(x.shape[0]):
         torch.testing.assert_close(purify(x[i:i + 1], make_score(), cfg, backend=backend), full[i:i + 1],
                                    rtol=0, atol=1e-6)
@@ -147,6 +154,7 @@ def test_plain_function_score_and_ere_trace():
     out, ere = purify(x, score, cfg, backend="torch", return_ere=True)
     _, ref_ere = purify_reference(x, score, cfg, make_noise(cfg, x.shape[1:], dtype=torch.float64))
     assert ere.shape == (x.shape[0], cfg.num_steps)
+    # float64 with a closed-form score: measured 4e-16 relative.
     torch.testing.assert_close(ere, ref_ere, rtol=1e-12, atol=0)
     # Purification lowers the ERE at the last sigma relative to the input's.
     _, ere_in = purify(x, score, cfg.with_overrides(rho=0.0), backend="torch", return_ere=True)

@@ -169,7 +169,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path):
     assert len(_rows(str(killed / "rows.jsonl"))) == total
 
 
-def test_cli_flags_override_toml_and_config_keys_are_checked(tmp_path):
+def test_cli_flags_override_toml_and_config_keys_are_checked(tmp_path, capsys):
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(CONFIG.format(n=8, steps=1))
     out = tmp_path / "out"
@@ -189,8 +189,10 @@ def test_cli_flags_override_toml_and_config_keys_are_checked(tmp_path):
         load_object("pursamere_fast:PurifyConfig.nope")
     bad = tmp_path / "bad.toml"
     bad.write_text(CONFIG.format(n=8, steps=1) + "\n[oops]\nx = 1\n")
-    with pytest.raises(ValueError, match="oops"):
+    with pytest.raises(SystemExit) as exit_info:
         main_evaluate(["--config", str(bad), "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert f"argument --config: unknown key 'oops' in {bad}" in capsys.readouterr().err
 
 
 def test_sanity_suite_passes_on_a_trained_toy_model(tmp_path, trained):

@@ -1,15 +1,23 @@
 """purify's score options on the CPU: bf16 autocast, channels_last, the torch.compile plumbing,
 and the validation of every new argument. The same options on CUDA: tests/test_gpu.py.
 
-Stated tolerances (tests/test_gpu.py holds CUDA to the same ones, at ngf 128):
-- bf16 autocast vs fp32: ERE trace within 1% relative; purified images within 10% of rho in
-  mean absolute difference. Measured on the CPU: 0.2% and 6% rho (NCSNv2 ngf 8 at 8x8, K = 6,
-  N = 3, this file), 0.07% and 5% rho (ngf 128 at 32x32, K = 2, N = 4). Pixel maxima are not
-  bounded: where a gradient component is below bf16's resolution Adam's normalised step can
-  flip its sign, and that pixel may end on the other side of the ball (measured 1.0-1.4 rho).
-- channels_last vs contiguous: 1e-6 absolute on the images (measured 2e-7), 1e-5 relative on
-  the trace: the same arithmetic in another summation order.
-- compile (aot_eager backend here; Inductor runs on CUDA in tests/test_gpu.py): 1e-6.
+Stated tolerances (tests/test_gpu.py holds CUDA to the same ones, at ngf 128), each with the
+measurement behind it, taken under torch's AVX2 and scalar kernels and oneDNN at AVX2 and
+SSE4.1 (tests/cpu_kernels.sh runs this file under each):
+- bf16 autocast vs fp32: ERE trace within 3% relative; purified images within 25% of rho in
+  mean absolute difference. Measured 0.36-0.62% and 6.5-6.9% of rho (NCSNv2 ngf 8 at 8x8,
+  K = 6, N = 3, this file); 0.07% and 5% of rho at ngf 128, 32x32, K = 2, N = 4. bf16 rounds
+  at 2^-9 relative and CPUs with AVX512-BF16 or AMX accumulate its products in another order,
+  so the bounds keep 4-5x headroom; the first bound was 1% / 10%, 1.5x above an AVX2 run.
+  Pixel maxima are not bounded: where a gradient component is below bf16's resolution Adam's
+  normalised step can flip its sign, and that pixel may end on the other side of the ball
+  (measured 1.0-1.4 rho).
+- channels_last vs contiguous: the same arithmetic in another summation order, whose rounding
+  differences the K Adam steps amplify: measured 1.2e-7..4.5e-7 on the images (each layout
+  1e-7..4.4e-7 from a float64 run) and 1.3e-7 relative on the trace. Bounds 1e-5 absolute and
+  1e-5 relative, 20x above that and far below a layout bug (which moves pixels by O(rho)).
+- compile (aot_eager backend here; Inductor runs on CUDA in tests/test_gpu.py): 1e-6; the
+  same kernels run, measured bitwise equal.
 """
 
 import functools
@@ -23,12 +31,12 @@ from pursamere_fast import PurifyConfig, purify
 from pursamere_fast.nets import ConvScoreNet
 from pursamere_fast.scores.ncsnv2 import NCSNv2, NCSNv2Score
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]
 
 CONFIG = PurifyConfig(sigmas=(0.2, 0.1, 0.05), steps_per_sigma=2, n_samples=3, rho=0.05, lr_max=0.02,
                       lr_min=0.005, sam_radius=0.02)
-BF16_TRACE_RTOL, BF16_MEAN_DX_RHO = 1e-2, 0.1
-CL_ATOL, CL_TRACE_RTOL = 1e-6, 1e-5
+BF16_TRACE_RTOL, BF16_MEAN_DX_RHO = 3e-2, 0.25
+CL_ATOL, CL_TRACE_RTOL = 1e-5, 1e-5
 
 
 @pytest.fixture(autouse=True)

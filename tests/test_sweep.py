@@ -179,7 +179,7 @@ def test_toy_sweep_runs_end_to_end_and_collects(tmp_path, capsys):
     assert (tmp_path / "res" / "acc_vs_eps.png").stat().st_size > 0
 
 
-def test_explicit_points_mix_pursamere_and_adp(tmp_path):
+def test_explicit_points_mix_pursamere_and_adp(tmp_path, capsys):
     out = tmp_path / "points"
     grid = '[grid]\nrho = ["0", "16/255"]\nsam_radius = ["0", "4/255"]\n'
     points = ('[[point]]\nrho = "16/255"\nn_samples = 1\n\n'
@@ -194,12 +194,15 @@ def test_explicit_points_mix_pursamere_and_adp(tmp_path):
     assert adp["cost"] == 2 and rows["rho=16/255,n_samples=1"]["cost"] == 2 * 1 * 1 * 2  # K * N * (SAM: 2)
     assert report["choice"]["robust_tol"] == 0.5
 
-    cfg.write_text(TOML.format(out=out) + '\n[[point]]\nrho = "0"\n')
-    with pytest.raises(ValueError, match=r"\[grid\] and \[\[point\]\]"):
-        sweep.main(["run", "--config", str(cfg), "--no-progress"])
-    cfg.write_text(TOML.format(out=out).replace(grid, '[[point]]\ndefence = "dip"\n'))
-    with pytest.raises(ValueError, match="'dip'"):
-        sweep.main(["run", "--config", str(cfg), "--no-progress"])
+    for text, message in [(TOML.format(out=out) + '\n[[point]]\nrho = "0"\n', "exactly one of [grid] and [[point]]"),
+                          (TOML.format(out=out).replace(grid, '[[point]]\ndefence = "dip"\n'), "'dip'")]:
+        cfg.write_text(text)
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main(["run", "--config", str(cfg), "--no-progress"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("python -m pursamere_fast.attacks.sweep run: error: argument --config: ")
+        assert message in err
 
 
 def _write_rows(directory, defence, attack, robust, labels=None):

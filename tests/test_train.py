@@ -3,6 +3,7 @@
 import csv
 import gzip
 import json
+import re
 import struct
 
 import numpy as np
@@ -143,12 +144,15 @@ def test_score_matching_loss_is_zero_for_exact_score():
     assert score_matching_loss(zero, x0, sigma, z).item() == pytest.approx(0.5 * z.pow(2).sum().item() / 4)
 
 
-@pytest.mark.parametrize("bad", [{"steps": 0}, {"batch_size": 0}, {"lr": 0.0}, {"ema": 1.0},
-                                 {"sigmas": (0.1, -0.1)}, {"sigmas": ()}])
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"steps": 2.5}, {"batch_size": 0}, {"batch_size": True},
+                                 {"lr": 0.0}, {"lr": float("nan")}, {"ema": 1.0}, {"ema": -0.1}, {"seed": -1},
+                                 {"checkpoint_every": 0}, {"sigmas": (0.1, -0.1)}, {"sigmas": ()},
+                                 {"sigmas": "0.1"}])
 def test_score_validates(tmp_path, bad):
-    name = next(iter(bad))
-    with pytest.raises(ValueError, match=name):
+    name, value = next(iter(bad.items()))
+    with pytest.raises(ValueError, match=f"^{name} must be .*, got {re.escape(repr(value))}$"):
         run_score(tmp_path, **({"steps": 2} | bad))
+    assert not (tmp_path / CHECKPOINT).exists()
 
 
 def test_score_validates_images(tmp_path):
@@ -193,6 +197,15 @@ def test_classifier_validates(tmp_path):
         run_clf(tmp_path, 1, data=(x, y[:-1]))
     with pytest.raises(ValueError, match="epochs"):
         run_clf(tmp_path, 0)
+    for bad in (y.float(), y - 1):  # a float would be cast, -1 is no class
+        with pytest.raises(ValueError, match="^labels must be"):
+            run_clf(tmp_path, 1, data=(x, bad))
+    with pytest.raises(ValueError, match="^seed must be"):
+        run_clf(tmp_path, 1, seed=-1)
+    with pytest.raises(ValueError, match="^labels must have shape"):
+        evaluate_classifier(clf_net(), x, y[:-1])
+    with pytest.raises(ValueError, match="^sigmas must be"):
+        evaluate_denoiser(score_net(), x, [0.1, 0.0])
 
 
 def test_classifier_purified_augmentation_adds_ce_of_purified(tmp_path, monkeypatch):

@@ -10,11 +10,12 @@ seed and batch invariant; `FreshNoisePurifier` turns it into the stochastic defe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from .. import checks
 
 GRAD_MODES = ("none", "bpda", "full")
 
@@ -39,21 +40,13 @@ class ADPPurifier(nn.Module):
     def __init__(self, score: Callable, *, sigma: float = 0.25, noise_std: float = 0.25, steps: int = 5,
                  alpha: float = 1.0, seed: int = 0, grad_mode: str = "none"):
         super().__init__()
-        if not callable(score):
-            raise ValueError(f"score must be callable, got {type(score).__name__}")
-        for name, v, pos in (("sigma", sigma, True), ("noise_std", noise_std, False), ("alpha", alpha, True)):
-            bad = not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
-            if bad or v < 0 or (pos and v == 0):
-                raise ValueError(f"{name} must be a finite number {'> 0' if pos else '>= 0'}, got {v!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        if grad_mode not in GRAD_MODES:
-            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
-        self.score = score
-        self.sigma, self.noise_std, self.steps, self.alpha = float(sigma), float(noise_std), steps, float(alpha)
-        self.seed, self.grad_mode = seed, grad_mode
+        self.score = checks.function("score", score)
+        self.sigma = checks.real("sigma", sigma, positive=True)
+        self.noise_std = checks.real("noise_std", noise_std, 0.0)
+        self.alpha = checks.real("alpha", alpha, positive=True)
+        self.steps = checks.integer("steps", steps, 1)
+        self.seed = checks.seed("seed", seed)
+        self.grad_mode = checks.choice("grad_mode", grad_mode, GRAD_MODES)
 
     def _purify(self, x: torch.Tensor) -> torch.Tensor:
         noise = torch.randn(x.shape[1:], generator=torch.Generator("cpu").manual_seed(self.seed),

@@ -2,25 +2,72 @@
 
 Every long option can also be a key of the TOML file (dashes or underscores); flags given
 on the command line win over the file. Models and data come from factories named
-"package.module:factory[.field]".
+"package.module:factory[.field]". A config's factories are code: they are imported and
+called, so only run configs you trust.
+
+A bad value ends the command with one line, `prog: error: argument --option: ...`, and exit
+code 2: argparse checks single values, `option_errors` the values that can only be checked
+when used (factories, TOML keys and tables, KEY=VALUE overrides).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import inspect
 import json
 import os
 import sys
-import tomllib
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .runner import _dist, _len, evaluate, markdown_table
+from .. import checks
+from ..cli import (ArgumentParser, choice, device, existing_file, integer, listed, number, option_errors, random_seed,
+                   real)
+from ..purify import BACKENDS
+from .baselines import ADPPurifier
+from .pgd import NORMS
+from .runner import _dist, _get, _len, evaluate, markdown_table
 from .sanity import run_sanity, sanity_markdown
 from .threats import THREATS, AttackSpec, Defence, grid
+
+DEFENCES = ("none", "pursamere", "adp")
+_TABLES = ("classifier_kwargs", "score_kwargs", "data_kwargs", "pursamere", "adp", "attack")
+_ATTACK_FIELDS = tuple(f.name for f in dataclasses.fields(AttackSpec))
+
+
+def load_toml(path) -> dict:
+    """Read a TOML file with tomllib (Python >= 3.11) or its backport tomli (Python 3.10).
+
+    Raises:
+        ValueError: naming the file, when it cannot be read or is not valid TOML.
+    """
+    try:
+        import tomllib
+    except ImportError:
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:  # TOMLDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path} is not valid TOML: {e}") from None
+
+
+def _check_keywords(what: str, func, kwargs: dict, exclude: Sequence[str] = ()) -> None:
+    """ValueError naming `what` when `func` takes no keyword argument of one of kwargs' keys (a typo in a table)."""
+    params = inspect.signature(func).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in exclude]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"{what} takes no argument {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
 
 
 def load_object(spec: str, kwargs: dict | None = None):
@@ -28,72 +75,104 @@ def load_object(spec: str, kwargs: dict | None = None):
 
     The factory is called with kwargs (an attribute that is not callable is used as is);
     ".field" then takes that attribute of the result, e.g.
-    "pursamere_fast.pretrained:fashion_mnist.classifier".
+    "pursamere_fast.pretrained:fashion_mnist.classifier". The module is imported and the
+    factory called: only load specs you trust.
 
     Raises:
-        ValueError: when spec is not of that form, cannot be imported, or lacks the field.
+        ValueError: when spec is not of that form, cannot be imported, lacks the field, or
+            the factory takes no argument of one of kwargs' names.
     """
     import importlib
 
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ValueError(f"factory must look like 'package.module:factory[.field]', got {spec!r}")
-    mod, attr = spec.split(":")
+    mod, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     name, *fields = attr.split(".")
+    if not mod or mod.startswith(".") or not name or spec.count(":") != 1:
+        raise ValueError(f"factory must look like 'package.module:factory[.field]', got {spec!r}")
     try:
         obj = getattr(importlib.import_module(mod), name)
-        obj = obj(**(kwargs or {})) if callable(obj) else obj
-        for f in fields:
-            obj = getattr(obj, f)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"cannot load {spec!r}: {e}") from None
+    if callable(obj):
+        _check_keywords(repr(spec), obj, kwargs or {})
+        obj = obj(**(kwargs or {}))
+    for f in fields:
+        if not hasattr(obj, f):
+            raise ValueError(f"cannot load {spec!r}: {type(obj).__name__} has no attribute {f!r}")
+        obj = getattr(obj, f)
     return obj
 
 
-def _float(s: str) -> float:
-    s = str(s).strip()
-    if "/" in s:
-        a, b = s.split("/")
-        return float(a) / float(b)
-    return float(s)
-
-
-def _list(value, conv) -> list:
-    if isinstance(value, (list, tuple)):
-        return [conv(v) for v in value]
-    return [conv(v) for v in str(value).split(",") if v.strip()]
+def _number_or_text(value):
+    """A string such as "0.1" or "8/255" as a float; any other value unchanged, for its own check to judge."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return number(value)
+    return value
 
 
 def _kv(items) -> dict:
+    """KEY=VALUE strings (VALUE is JSON, a fraction such as 8/255, or text), or a TOML table."""
     if isinstance(items, dict):
-        return dict(items)
+        return {k: _number_or_text(v) for k, v in items.items()}
     out = {}
     for it in items or []:
-        if "=" not in it:
+        k, eq, v = it.partition("=")
+        if not eq or not k.strip():
             raise ValueError(f"expected KEY=VALUE, got {it!r}")
-        k, v = it.split("=", 1)
         try:
             out[k.strip()] = json.loads(v)
         except json.JSONDecodeError:
-            try:
-                out[k.strip()] = _float(v)  # a fraction such as 8/255
-            except ValueError:
-                out[k.strip()] = v
+            out[k.strip()] = _number_or_text(v)
     return out
 
 
+def attack_specs(entries) -> list[AttackSpec]:
+    """AttackSpecs from a TOML [[attack]] array; eps and alpha may be fractions such as "8/255".
+
+    Raises:
+        ValueError: an entry that is not a table, has an unknown key or an invalid value.
+    """
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"[[attack]] must be a non-empty array of tables, got {entries!r}")
+    specs = []
+    for i, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise ValueError(f"[[attack]] entry {i} must be a table, got {entry!r}")
+        unknown = sorted(set(entry) - set(_ATTACK_FIELDS))
+        if unknown:
+            raise ValueError(f"[[attack]] entry {i} has unknown keys {unknown}; valid: {', '.join(_ATTACK_FIELDS)}")
+        try:
+            specs.append(AttackSpec(**{k: _number_or_text(v) if k in ("eps", "alpha") else v
+                                       for k, v in entry.items()}))
+        except ValueError as e:
+            raise ValueError(f"[[attack]] entry {i}: {e}") from None
+    return specs
+
+
+def _alpha(value):
+    """argparse type: a step size > 0, or "none" for the default rule."""
+    if isinstance(value, str) and value.strip().lower() in ("", "none"):
+        return None
+    return real(positive=True)(value)
+
+
 def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", help="TOML file; its keys are the long options (dashes or underscores), "
-                                    "plus tables [classifier_kwargs], [score_kwargs], [data_kwargs], "
-                                    "[pursamere], [adp] and an optional [[attack]] array of AttackSpec fields")
+    p = ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", type=existing_file,
+                   help="TOML file; its keys are the long options (dashes or underscores), "
+                        "plus tables [classifier_kwargs], [score_kwargs], [data_kwargs], "
+                        "[pursamere], [adp] and an optional [[attack]] array of AttackSpec fields. "
+                        "Its factories are code that is imported and called: only run configs you trust")
     p.add_argument("--classifier", default="pursamere_fast.attacks.toy:make_classifier",
                    help="factory 'module:attr' returning the classifier nn.Module")
     p.add_argument("--score", default="pursamere_fast.attacks.toy:make_score",
                    help="factory 'module:attr' returning the score model")
     p.add_argument("--data", default="pursamere_fast.attacks.toy:synthetic_data",
                    help="factory 'module:attr' returning (images, labels) tensors or a dataset of (image, label)")
-    p.add_argument("--mean", default=None, help="comma-separated per-channel mean for the classifier")
-    p.add_argument("--std", default=None, help="comma-separated per-channel std for the classifier")
+    p.add_argument("--mean", type=listed(real()), default=None,
+                   help="comma-separated per-channel mean for the classifier")
+    p.add_argument("--std", type=listed(real(positive=True)), default=None,
+                   help="comma-separated per-channel std for the classifier")
     p.add_argument("--purify-config", default=None,
                    help="factory 'module:attr' returning the base PurifyConfig of the pursamere defence, e.g. "
                         "pursamere_fast.pretrained:fashion_mnist.config (default: PurifyConfig())")
@@ -101,92 +180,146 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="PurifyConfig override for the pursamere defence (repeatable; VALUE is JSON or a "
                         "fraction such as 8/255)")
     p.add_argument("--adp", action="append", default=[], metavar="KEY=VALUE", help="ADPPurifier argument")
-    p.add_argument("--backend", default="auto", help="purify backend")
-    p.add_argument("--norm", default="linf", choices=["linf", "l2", "l1"])
-    p.add_argument("--alpha", default=None, help="step size (default 2.5 * eps / steps)")
-    p.add_argument("--restarts", type=int, default=1)
-    p.add_argument("--eot", type=int, default=1, help="EoT draws (bpda_eot only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=None, help="number of samples (default: all)")
-    p.add_argument("--start", type=int, default=0, help="first sample index")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None)
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="purify backend")
+    p.add_argument("--norm", default="linf", choices=NORMS)
+    p.add_argument("--alpha", type=_alpha, default=None, help="step size (default 2.5 * eps / steps)")
+    p.add_argument("--restarts", type=integer(1), default=1)
+    p.add_argument("--eot", type=integer(1), default=1, help="EoT draws (bpda_eot only)")
+    p.add_argument("--seed", type=random_seed, default=0)
+    p.add_argument("--n", type=integer(1), default=None, help="number of samples (default: all)")
+    p.add_argument("--start", type=integer(0), default=0, help="first sample index")
+    p.add_argument("--batch-size", type=integer(1), default=64)
+    p.add_argument("--device", type=device, default=None)
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-_TABLES = ("classifier_kwargs", "score_kwargs", "data_kwargs", "pursamere", "adp", "attack")
+def _option_value(action: argparse.Action, value, where: str):
+    """A TOML value for an option, checked as argparse checks the command line."""
+    if action.nargs == 0:  # a flag such as --no-progress
+        return checks.flag(where, value)
+    if action.type is not None:
+        try:
+            return action.type(value)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{where}: {e}") from None
+    if not isinstance(value, str):
+        raise ValueError(f"{where} must be a string, got {value!r}")
+    if action.choices is not None:
+        checks.choice(where, value, tuple(action.choices))
+    return value
 
 
 def _parse(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, dict]:
     pre, _ = parser.parse_known_args(argv)
     tables = {}
     if pre.config:
-        with open(pre.config, "rb") as f:
-            cfg = tomllib.load(f)
-        dests = {a.dest for a in parser._actions}
-        flat = {}
-        for k, v in cfg.items():
-            k = k.replace("-", "_")
-            if k in _TABLES:
-                tables[k] = v
-            elif k in dests and k != "config":
-                flat[k] = v
-            else:
-                raise ValueError(f"unknown key {k!r} in {pre.config}")
-        parser.set_defaults(**flat)
+        with option_errors(parser, "--config"):
+            cfg = load_toml(pre.config)
+            actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+            defaults = {}
+            for key, value in cfg.items():
+                k = key.replace("-", "_")
+                if k in _TABLES:
+                    what = "an array of tables" if k == "attack" else "a table"
+                    if not isinstance(value, list if k == "attack" else dict):
+                        raise ValueError(f"{key!r} in {pre.config} must be {what}, got {value!r}")
+                    tables[k] = value
+                elif k in actions:
+                    defaults[k] = _option_value(actions[k], value, f"key {key!r} of {pre.config}")
+                else:
+                    raise ValueError(f"unknown key {key!r} in {pre.config}")
+        parser.set_defaults(**defaults)
     return parser.parse_args(argv), tables
 
 
-def _build_common(args, cfg) -> dict:
-    classifier = load_object(args.classifier, cfg.get("classifier_kwargs"))
-    data = load_object(args.data, cfg.get("data_kwargs"))
-    size = _len(data)
-    start = args.start
-    n = size - start if args.n is None else args.n
-    if start < 0 or n < 1 or start + n > size:
-        raise ValueError(f"start={start}, n={n} do not fit a dataset of {size} samples")
-    device = args.device
-    if device is not None:
-        classifier = classifier.to(device)
-    return {"classifier": classifier, "data": data, "indices": list(range(start, start + n)),
-            "mean": None if args.mean is None else _list(args.mean, float),
-            "std": None if args.std is None else _list(args.std, float), "device": device}
+def _build_common(p: argparse.ArgumentParser, args, cfg) -> dict:
+    with option_errors(p, "--classifier"):
+        classifier = checks.function("classifier", load_object(args.classifier, cfg.get("classifier_kwargs")))
+    with option_errors(p, "--data"):
+        data = load_object(args.data, cfg.get("data_kwargs"))
+        if not hasattr(data, "__len__"):
+            raise ValueError(f"data must be (images, labels) tensors or a dataset, got {type(data).__name__}")
+        size = _len(data)
+    if args.start >= size:
+        p.error(f"argument --start: value must be < {size} (the number of samples), got {args.start}")
+    n = size - args.start if args.n is None else args.n
+    if args.start + n > size:
+        p.error(f"argument --n: value must be <= {size - args.start} (the samples from --start {args.start} on), "
+                f"got {n}")
+    with option_errors(p, "--data"):
+        channels = _get(data, [args.start])[0].shape[1]
+    for option, values in (("--mean", args.mean), ("--std", args.std)):
+        if values is not None and len(values) not in (1, channels):
+            p.error(f"argument {option}: value must have one entry or one per image channel ({channels}), "
+                    f"got {len(values)}")
+    if args.device is not None and isinstance(classifier, nn.Module):
+        classifier = classifier.to(args.device)
+    return {"classifier": classifier, "data": data, "indices": list(range(args.start, args.start + n)),
+            "mean": args.mean, "std": args.std, "device": args.device}
 
 
-def _load_score(args, cfg):
-    score = load_object(args.score, cfg.get("score_kwargs"))
+def _load_score(p: argparse.ArgumentParser, args, cfg):
+    with option_errors(p, "--score"):
+        score = checks.function("score", load_object(args.score, cfg.get("score_kwargs")))
     if args.device is not None and isinstance(score, nn.Module):
         score = score.to(args.device)
     return score
 
 
-def _base_config(args):
-    if args.purify_config is None:
-        return None
-    cfg = load_object(args.purify_config)
-    if isinstance(cfg, dict):
-        from pursamere_fast import PurifyConfig
+def load_purify_config(spec: str):
+    """The PurifyConfig a factory spec gives (directly or as a dict of its fields).
 
-        cfg = PurifyConfig(**cfg)
+    Raises:
+        ValueError: as `load_object`, or when the object is neither.
+    """
+    from pursamere_fast import PurifyConfig
+
+    cfg = load_object(spec)
+    if isinstance(cfg, dict):
+        cfg = PurifyConfig().with_overrides(**cfg)
+    if not isinstance(cfg, PurifyConfig):
+        raise ValueError(f"{spec!r} must give a PurifyConfig or a dict of its fields, got {type(cfg).__name__}")
     return cfg
 
 
-def _defences(names, args, cfg, score=None) -> list[Defence]:
+def _base_config(p: argparse.ArgumentParser, args):
+    if args.purify_config is None:
+        return None
+    with option_errors(p, "--purify-config"):
+        return load_purify_config(args.purify_config)
+
+
+def adp_defence(score, kwargs: dict, **name) -> Defence:
+    """`Defence.adp(score, **name, **kwargs)`, a key that ADPPurifier does not take refused by name.
+
+    Raises:
+        ValueError: an unknown key, or a bad value (ADPPurifier's checks).
+    """
+    # The defence passes score and grad_mode itself.
+    _check_keywords("ADPPurifier", ADPPurifier, kwargs, exclude=("score", "grad_mode"))
+    return Defence.adp(score, **name, **kwargs)
+
+
+def _pursamere_overrides(cfg, args) -> dict:
+    return {**_kv(cfg.get("pursamere")), **_kv(args.pursamere)}
+
+
+def _defences(p: argparse.ArgumentParser, names, args, cfg, score=None) -> list[Defence]:
     out = []
     for name in names:
         if name == "none":
             out.append(Defence.none())
             continue
         if score is None:
-            score = _load_score(args, cfg)
+            score = _load_score(p, args, cfg)
         if name == "pursamere":
-            out.append(Defence.pursamere(score, _base_config(args), backend=args.backend,
-                                         **{**_kv(cfg.get("pursamere")), **_kv(args.pursamere)}))
-        elif name == "adp":
-            out.append(Defence.adp(score, **{**_kv(cfg.get("adp")), **_kv(args.adp)}))
-        else:
-            raise ValueError(f"defence must be one of ('none', 'pursamere', 'adp'), got {name!r}")
+            base = _base_config(p, args)
+            with option_errors(p, "--pursamere"):
+                out.append(Defence.pursamere(score, base, backend=args.backend, **_pursamere_overrides(cfg, args)))
+        else:  # "adp": the parser allows no other name
+            with option_errors(p, "--adp"):
+                out.append(adp_defence(score, {**_kv(cfg.get("adp")), **_kv(args.adp)}))
     return out
 
 
@@ -202,30 +335,33 @@ def main_evaluate(argv: Sequence[str] | None = None) -> int:
     """`pursamere-fast evaluate`: run the (defence x attack) grid and write rows, summary and plots.
 
     Returns:
-        Process exit code (0).
+        Process exit code (0; 2 for a bad argument, with a one-line message).
     """
     p = _common_parser("pursamere-fast evaluate", "Evaluate defences under adaptive attacks (resumable).")
     p.add_argument("--out", default="runs/evaluate", help="results directory")
-    p.add_argument("--defences", default="none,pursamere", help="comma list of none, pursamere, adp")
-    p.add_argument("--threats", default="gpgd,bpda", help=f"comma list of {', '.join(THREATS)}")
-    p.add_argument("--eps", default="8/255", help="comma list of budgets (fractions like 8/255 allowed)")
-    p.add_argument("--steps", default="10", help="comma list of PGD step counts")
+    p.add_argument("--defences", type=listed(choice(DEFENCES)), default="none,pursamere",
+                   help=f"comma list of {', '.join(DEFENCES)}")
+    p.add_argument("--threats", type=listed(choice(THREATS)), default="gpgd,bpda",
+                   help=f"comma list of {', '.join(THREATS)}")
+    p.add_argument("--eps", type=listed(real(positive=True)), default="8/255",
+                   help="comma list of budgets > 0 (fractions like 8/255 allowed)")
+    p.add_argument("--steps", type=listed(integer(1)), default="10", help="comma list of PGD step counts")
     p.add_argument("--no-plots", action="store_true")
     args, cfg = _parse(p, argv)
     if args.device is not None and str(args.device).startswith("cuda") and "LOCAL_RANK" in os.environ:
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     _init_distributed(args.device)
-    common = _build_common(args, cfg)
-    defences = _defences(_list(args.defences, str), args, cfg)
-    alpha = None if args.alpha in (None, "", "none") else _float(args.alpha)
+    common = _build_common(p, args, cfg)
+    defences = _defences(p, dict.fromkeys(args.defences), args, cfg)
     if cfg.get("attack"):
-        attacks = [AttackSpec(**a) for a in cfg["attack"]]
+        with option_errors(p, "--config"):
+            attacks = attack_specs(cfg["attack"])
     else:
         attacks = list(dict.fromkeys(
             AttackSpec("clean", args.norm) if t == "clean" else
-            AttackSpec(threat=t, norm=args.norm, eps=e, steps=s, alpha=alpha, restarts=args.restarts,
+            AttackSpec(threat=t, norm=args.norm, eps=e, steps=s, alpha=args.alpha, restarts=args.restarts,
                        eot=args.eot if t == "bpda_eot" else 1, seed=args.seed)
-            for t in _list(args.threats, str) for e in _list(args.eps, _float) for s in _list(args.steps, int)))
+            for t in args.threats for e in args.eps for s in args.steps))
     summary = evaluate(common["classifier"], common["data"], grid(defences, attacks), out_dir=args.out,
                        indices=common["indices"], batch_size=args.batch_size, mean=common["mean"], std=common["std"],
                        device=common["device"], progress=not args.no_progress, plots=not args.no_plots)
@@ -240,29 +376,31 @@ def main_sanity(argv: Sequence[str] | None = None) -> int:
     """`pursamere-fast sanity`: run the sanity checks; exit code 1 when a check fails.
 
     Returns:
-        0 if no check failed, else 1.
+        0 if no check failed, else 1 (2 for a bad argument, with a one-line message).
     """
     p = _common_parser("pursamere-fast sanity", "Sanity checks of an evaluation (SPEC section 7).")
     p.add_argument("--out", default="runs/sanity", help="results directory")
-    p.add_argument("--defence", default="pursamere", choices=["pursamere", "adp", "none"])
+    p.add_argument("--defence", default="pursamere", choices=DEFENCES)
     p.add_argument("--threat", default="bpda", choices=["gpgd", "bpda", "bpda_eot", "exact"])
-    p.add_argument("--eps-list", default="0,4/255,8/255,32/255,0.5")
-    p.add_argument("--steps-list", default="5,10,20")
-    p.add_argument("--eps-steps", default="8/255", help="eps of the steps sweep and the rho = 0 check")
-    p.add_argument("--tol", type=float, default=0.02)
-    p.add_argument("--zero-tol", type=float, default=0.05)
-    p.add_argument("--grad-n", type=int, default=8)
+    p.add_argument("--eps-list", type=listed(real(0)), default="0,4/255,8/255,32/255,0.5")
+    p.add_argument("--steps-list", type=listed(integer(1)), default="5,10,20")
+    p.add_argument("--eps-steps", type=real(positive=True), default="8/255",
+                   help="eps of the steps sweep and the rho = 0 check")
+    p.add_argument("--tol", type=real(0, 1), default=0.02)
+    p.add_argument("--zero-tol", type=real(0, 1), default=0.05)
+    p.add_argument("--grad-n", type=integer(0), default=8)
     args, cfg = _parse(p, argv)
-    common = _build_common(args, cfg)
-    score = None if args.defence == "none" else _load_score(args, cfg)
-    (defence,) = _defences([args.defence], args, cfg, score)
+    common = _build_common(p, args, cfg)
+    score = None if args.defence == "none" else _load_score(p, args, cfg)
+    (defence,) = _defences(p, [args.defence], args, cfg, score)
     rho_zero = None
     if args.defence == "pursamere":
-        over = {**_kv(cfg.get("pursamere")), **_kv(args.pursamere), "rho": 0.0}
-        rho_zero = Defence.pursamere(score, _base_config(args), name="pursamere-rho0", backend=args.backend, **over)
+        over = {**_pursamere_overrides(cfg, args), "rho": 0.0}
+        rho_zero = Defence.pursamere(score, _base_config(p, args), name="pursamere-rho0", backend=args.backend,
+                                     **over)
     report = run_sanity(common["classifier"], common["data"], defence, out_dir=args.out, indices=common["indices"],
-                        rho_zero=rho_zero, threat=args.threat, norm=args.norm, eps_list=_list(args.eps_list, _float),
-                        steps_list=_list(args.steps_list, int), eps_steps=_float(args.eps_steps), tol=args.tol,
+                        rho_zero=rho_zero, threat=args.threat, norm=args.norm, eps_list=args.eps_list,
+                        steps_list=args.steps_list, eps_steps=args.eps_steps, tol=args.tol,
                         zero_tol=args.zero_tol, grad_n=args.grad_n, batch_size=args.batch_size, mean=common["mean"],
                         std=common["std"], device=common["device"], seed=args.seed, progress=not args.no_progress)
     sys.stdout.write(sanity_markdown(report))

@@ -23,52 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import checks
+
 NORMS = ("linf", "l2", "l1")
-
-
-def _check_real(name: str, value, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def check_images(name: str, x) -> None:
-    """Validate a (B, C, H, W) float batch of [0, 1] images.
-
-    Raises:
-        ValueError: naming `name` when x is not such a batch.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"{name} must have shape (B, C, H, W), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    x = x.detach()
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-    if x.numel() and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
-        raise ValueError(f"{name} must lie in [0, 1], got range [{float(x.min())}, {float(x.max())}]")
-
-
-def check_labels(y, batch: int) -> None:
-    """Validate integer labels of shape (batch,).
-
-    Raises:
-        ValueError: when y is not an integer tensor of shape (batch,).
-    """
-    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"y must be an integer torch.Tensor, got {getattr(y, 'dtype', type(y).__name__)}")
-    if tuple(y.shape) != (batch,):
-        raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
 
 
 def project_l1(delta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -83,7 +40,7 @@ def project_l1(delta: torch.Tensor, eps: float) -> torch.Tensor:
     Returns:
         Tensor of delta's shape; rows already inside the ball are returned unchanged.
     """
-    eps = _check_real("eps", eps)
+    eps = checks.real("eps", eps, 0.0)
     flat = delta.flatten(1)
     a = flat.abs()
     inside = a.sum(dim=1) <= eps
@@ -206,21 +163,17 @@ def pgd(
     Raises:
         ValueError: on a bad argument (named in the message).
     """
-    if not isinstance(model, nn.Module) and not callable(model):
-        raise ValueError(f"model must be an nn.Module or callable, got {type(model).__name__}")
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    eps = _check_real("eps", eps)
-    alpha = _check_real("alpha", alpha, positive=True)
-    steps = _check_int("steps", steps, 0)
-    restarts = _check_int("restarts", restarts, 1)
-    eot = _check_int("eot", eot, 1)
-    seed = _check_int("seed", seed, 0)
-    l1_sparsity = _check_real("l1_sparsity", l1_sparsity, positive=True)
-    if l1_sparsity > 1:
-        raise ValueError(f"l1_sparsity must be in (0, 1], got {l1_sparsity}")
-    check_images("x", x)
-    check_labels(y, x.shape[0])
+    checks.function("model", model)
+    checks.choice("norm", norm, NORMS)
+    eps = checks.real("eps", eps, 0.0)
+    alpha = checks.real("alpha", alpha, positive=True)
+    steps = checks.integer("steps", steps, 0)
+    restarts = checks.integer("restarts", restarts, 1)
+    eot = checks.integer("eot", eot, 1)
+    seed = checks.seed("seed", seed)
+    l1_sparsity = checks.real("l1_sparsity", l1_sparsity, maximum=1.0, positive=True)
+    checks.images("x", x, allow_empty=True)
+    checks.labels("y", y, x.shape[0])
 
     # Autograd must work even when the caller runs under torch.inference_mode(); an
     # inference tensor cannot enter the graph, hence the copies.

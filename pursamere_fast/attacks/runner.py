@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .. import checks
+
 from .stats import wilson_interval
 from .threats import AttackSpec, Defence, clean_predictions, run_attack
 
@@ -282,8 +284,7 @@ def evaluate(classifier: nn.Module, data, settings: Sequence[tuple[Defence, Atta
     Raises:
         ValueError: on a bad argument or a resumed out_dir with different settings.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    checks.integer("batch_size", batch_size, 1)
     if not settings:
         raise ValueError("settings must not be empty")
     labels = [(d.name, a.label) for d, a in settings]

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .. import checks
+
 from .runner import _get, _len, evaluate, markdown_table, read_rows
 from .threats import AttackSpec, Defence, cosine_per_sample, input_gradients
 
@@ -56,9 +58,8 @@ def run_sanity(classifier: nn.Module, data, defence: Defence, *, out_dir: str, i
     """
     if not eps_list or not steps_list:
         raise ValueError(f"eps_list and steps_list must not be empty, got {eps_list}, {steps_list}")
-    for name, v in (("tol", tol), ("zero_tol", zero_tol)):
-        if not isinstance(v, (int, float)) or not 0 <= v <= 1:
-            raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+    checks.real("tol", tol, 0.0, 1.0)
+    checks.real("zero_tol", zero_tol, 0.0, 1.0)
     eps_list = sorted(float(e) for e in eps_list)
     steps_list = sorted(int(s) for s in steps_list)
     sweep_steps = max(steps_list) if sweep_steps is None else sweep_steps
@@ -75,23 +76,23 @@ def run_sanity(classifier: nn.Module, data, defence: Defence, *, out_dir: str, i
     summary = evaluate(classifier, data, settings, out_dir=out_dir, indices=indices, batch_size=batch_size,
                        mean=mean, std=std, device=device, progress=progress)
     acc = {(e["defence"], e["attack"]): e for e in summary}
-    checks = []
+    results = []
 
     ys = [acc[(defence.name, a.label)]["robust_acc"] for a in eps_attacks]
     rises = [(eps_list[i], eps_list[i + 1]) for i in range(len(ys) - 1) if ys[i + 1] > ys[i] + tol]
-    checks.append({"name": "eps sweep falls to ~0", "passed": ys[-1] <= zero_tol and not rises,
+    results.append({"name": "eps sweep falls to ~0", "passed": ys[-1] <= zero_tol and not rises,
                    "detail": f"robust acc {[round(y, 4) for y in ys]} at eps {eps_list}; last <= {zero_tol}: "
                              f"{ys[-1] <= zero_tol}; rises > {tol}: {rises}",
                    "eps": eps_list, "robust_acc": ys})
 
     ys = [acc[(defence.name, a.label)]["robust_acc"] for a in step_attacks]
     rises = [(steps_list[i], steps_list[i + 1]) for i in range(len(ys) - 1) if ys[i + 1] > ys[i] + tol]
-    checks.append({"name": "more steps never help", "passed": not rises,
+    results.append({"name": "more steps never help", "passed": not rises,
                    "detail": f"robust acc {[round(y, 4) for y in ys]} at steps {steps_list}; rises > {tol}: {rises}",
                    "steps": steps_list, "robust_acc": ys})
 
     if rho_zero is None:
-        checks.append({"name": "rho = 0 reproduces undefended", "passed": None,
+        results.append({"name": "rho = 0 reproduces undefended", "passed": None,
                        "detail": "skipped (no rho_zero defence)"})
     else:
         rows = read_rows(os.path.join(out_dir, "rows.jsonl"))
@@ -103,7 +104,7 @@ def run_sanity(classifier: nn.Module, data, defence: Defence, *, out_dir: str, i
                 per.setdefault(r["index"], {})[r["defence"]] = (r["clean_pred"], r["adv_pred"])
         same = sum(1 for v in per.values() if v.get(undefended.name) == v.get(rho_zero.name))
         a0, a1 = acc[(undefended.name, base.label)], acc[(rho_zero.name, base.label)]
-        checks.append({"name": "rho = 0 reproduces undefended", "passed": bool(per) and same == len(per),
+        results.append({"name": "rho = 0 reproduces undefended", "passed": bool(per) and same == len(per),
                        "detail": f"{same}/{len(per)} samples with identical clean and adversarial predictions; "
                                  f"robust acc undefended {a0['robust_acc']:.4f} vs rho=0 {a1['robust_acc']:.4f}",
                        "agree": same, "n": len(per)})
@@ -118,11 +119,11 @@ def run_sanity(classifier: nn.Module, data, defence: Defence, *, out_dir: str, i
         cos = cosine_per_sample(g_bpda, g_full)
         ratio = (g_bpda.flatten(1).norm(dim=1) / g_full.flatten(1).norm(dim=1).clamp_min(1e-30)).double()
         finite = bool(torch.isfinite(g_bpda).all() and torch.isfinite(g_full).all())
-        checks.append({"name": "BPDA vs exact gradient", "passed": None if finite else False,
+        results.append({"name": "BPDA vs exact gradient", "passed": None if finite else False,
                        "detail": f"cosine mean {cos.mean():.4f} min {cos.min():.4f} max {cos.max():.4f}; "
                                  f"|g_bpda|/|g_exact| median {ratio.median():.4g} (n={len(idx)})",
                        "cosine": cos.tolist(), "norm_ratio": ratio.tolist()})
-    report = {"checks": checks, "summary": summary}
+    report = {"checks": results, "summary": summary}
     with open(os.path.join(out_dir, "sanity.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(out_dir, "sanity.md"), "w") as f:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from .. import checks
+
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion k / n.
@@ -22,12 +24,9 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     Raises:
         ValueError: on n < 1, k outside [0, n], or z <= 0.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
-        raise ValueError(f"k must be an int in [0, n={n}], got {k!r}")
-    if not isinstance(z, (int, float)) or not math.isfinite(z) or z <= 0:
-        raise ValueError(f"z must be a finite number > 0, got {z!r}")
+    n = checks.integer("n", n, 1)
+    k = checks.integer("k", k, 0, n)
+    z = checks.real("z", z, positive=True)
     p = k / n
     z2 = z * z
     denom = 1 + z2 / n
@@ -56,9 +55,7 @@ def mcnemar_exact(b: int, c: int) -> float:
     Raises:
         ValueError: on a negative or non-int count.
     """
-    for name, v in (("b", b), ("c", c)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    b, c = checks.integer("b", b, 0), checks.integer("c", c, 0)
     m = b + c
     if m == 0:
         return 1.0

@@ -23,20 +23,21 @@ Under torchrun each process takes every world_size-th batch (as `evaluate` does)
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
 import sys
-import tomllib
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from .cli import _float, _init_distributed, load_object
-from .runner import _all_rows, _dist, evaluate, markdown_table, plot_summary
+from .. import checks
+from ..cli import ArgumentParser, existing_dir, existing_file, integer, option_errors
+from .cli import (_init_distributed, _kv, _number_or_text, adp_defence, attack_specs, load_object, load_purify_config,
+                  load_toml)
+from .runner import _all_rows, _dist, _len, evaluate, markdown_table, plot_summary
 from .stats import mcnemar_exact, wilson_interval
-from .threats import AttackSpec, Defence, grid
+from .threats import Defence, grid
 
 
 def validation_split(size: int = 256, root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,16 +238,20 @@ def compare(a: str, b: str, attack: str, attack_b: str | None = None, *, field: 
 
 
 def _compare(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m pursamere_fast.attacks.sweep compare",
-                                description="Paired (same images) comparison of two defences: accuracies, "
-                                            "discordant counts and the exact McNemar p-value.")
+    p = ArgumentParser(prog="python -m pursamere_fast.attacks.sweep compare",
+                       description="Paired (same images) comparison of two defences: accuracies, "
+                                   "discordant counts and the exact McNemar p-value.")
     p.add_argument("a", help="run_dir or run_dir:defence")
     p.add_argument("b", help="run_dir or run_dir:defence")
     p.add_argument("--attack", required=True, help="attack label, e.g. bpda-linf-eps0.0313725-s20")
     p.add_argument("--attack-b", default=None, help="attack label in b if it differs")
     p.add_argument("--clean", action="store_true", help="compare clean instead of robust correctness")
     args = p.parse_args(argv)
-    r = compare(args.a, args.b, args.attack, args.attack_b, field="clean_correct" if args.clean else "robust_correct")
+    try:
+        r = compare(args.a, args.b, args.attack, args.attack_b,
+                    field="clean_correct" if args.clean else "robust_correct")
+    except ValueError as e:  # the runs or labels named do not fit (the message names them)
+        p.error(str(e))
     sys.stdout.write(f"n={r['n']} acc_a={100 * r['acc_a']:.1f}% acc_b={100 * r['acc_b']:.1f}% "
                      f"only_a={r['only_a']} only_b={r['only_b']} p={r['p_value']:.3g}\n")
     return 0
@@ -268,67 +273,106 @@ def _points(cfg: Mapping) -> list[dict]:
     """
     if ("grid" in cfg) == ("point" in cfg):
         raise ValueError("a sweep config needs exactly one of [grid] and [[point]]")
-    conv = {str: _float}
     if "grid" in cfg:
-        axes = {k: [conv.get(type(v), lambda v: v)(v) for v in vs] for k, vs in cfg["grid"].items()}
-        return config_grid(axes)
+        if not isinstance(cfg["grid"], dict):
+            raise ValueError(f"[grid] must be a table of lists, got {cfg['grid']!r}")
+        return [{k: _number_or_text(v) for k, v in point.items()} for point in config_grid(cfg["grid"])]
+    if not isinstance(cfg["point"], list) or not all(isinstance(pt, dict) for pt in cfg["point"]):
+        raise ValueError(f"[[point]] must be an array of tables, got {cfg['point']!r}")
     points = []
     for pt in cfg["point"]:
-        pt = {k: (v if k == "defence" else conv.get(type(v), lambda v: v)(v)) for k, v in pt.items()}
+        pt = {k: (v if k == "defence" else _number_or_text(v)) for k, v in pt.items()}
         if pt.get("defence", "pursamere") not in ("pursamere", "adp"):
             raise ValueError(f"point defence must be 'pursamere' or 'adp', got {pt['defence']!r}")
         points.append(pt)
     return points
 
 
-def _run(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m pursamere_fast.attacks.sweep run",
-                                description="Evaluate a grid of PurSAMERE configs on a validation split and pick one.")
-    p.add_argument("--config", required=True, help="TOML: classifier, score, data, purify_config, out, n, "
-                   "batch_size, clean_tol, robust_tol, [data_kwargs], [grid] (field -> list) or [[point]] "
-                   "(overrides, optional defence = 'adp'), [[attack]] (AttackSpec fields), "
-                   "select = {clean, robust, tiebreak} attack labels")
-    p.add_argument("--n", type=int, default=None, help="override n of the TOML")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    with open(args.config, "rb") as f:
-        cfg = tomllib.load(f)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    classifier = load_object(cfg["classifier"], cfg.get("classifier_kwargs"))
-    score = load_object(cfg["score"], cfg.get("score_kwargs"))
+_SWEEP_KEYS = ("classifier", "score", "data", "purify_config", "out", "n", "batch_size", "clean_tol", "robust_tol",
+               "select", "classifier_kwargs", "score_kwargs", "data_kwargs", "pursamere", "grid", "point", "attack")
+_SWEEP_REQUIRED = ("classifier", "score", "data", "out", "attack", "select")
+
+
+def _setup(cfg: Mapping, path: str) -> dict:
+    """Everything a sweep TOML describes, checked before the (long) evaluation starts.
+
+    Raises:
+        ValueError: naming the key, for an unknown or missing key or a bad value.
+    """
+    unknown = sorted(set(cfg) - set(_SWEEP_KEYS))
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} in {path}; valid: {', '.join(_SWEEP_KEYS)}")
+    missing = [k for k in _SWEEP_REQUIRED if k not in cfg]
+    if missing:
+        raise ValueError(f"{path} lacks the keys {missing}")
+    for key in ("classifier_kwargs", "score_kwargs", "data_kwargs", "pursamere", "select"):
+        if not isinstance(cfg.get(key, {}), dict):
+            raise ValueError(f"{key} in {path} must be a table, got {cfg[key]!r}")
+    if not isinstance(cfg["out"], str):
+        raise ValueError(f"out in {path} must be a string, got {cfg['out']!r}")
+    classifier = checks.function("classifier", load_object(cfg["classifier"], cfg.get("classifier_kwargs")))
+    score = checks.function("score", load_object(cfg["score"], cfg.get("score_kwargs")))
     data = load_object(cfg["data"], cfg.get("data_kwargs"))
-    base = load_object(cfg["purify_config"]) if "purify_config" in cfg else None
-    n = args.n if args.n is not None else cfg.get("n", len(data[0]))
-    fixed = {k: (_float(v) if isinstance(v, str) else v) for k, v in cfg.get("pursamere", {}).items()}
+    base = load_purify_config(cfg["purify_config"]) if "purify_config" in cfg else None
+    fixed = _kv(cfg.get("pursamere", {}))
     points = _points(cfg)
-    _init_distributed(None)
     defences, costs = [Defence.none()], {}
     for point in points:
         point = dict(point)
         if point.pop("defence", "pursamere") == "adp":
-            d = Defence.adp(score, name="adp:" + config_name(point), **point)
+            d = adp_defence(score, point, name="adp:" + config_name(point))
         else:
             d = Defence.pursamere(score, base, name=config_name(point), **{**fixed, **point})
         defences.append(d)
         costs[d.name] = _cost_of(d.description)
-    attacks = [AttackSpec(**{k: (_float(v) if k in ("eps", "alpha") and isinstance(v, str) else v)
-                             for k, v in a.items()}) for a in cfg["attack"]]
-    out_dir = cfg["out"]
-    summary = evaluate(classifier, data, grid(defences, attacks), out_dir=out_dir, indices=range(n),
-                       batch_size=cfg.get("batch_size", 16), progress=not args.no_progress)
+    attacks = attack_specs(cfg["attack"])
+    labels = [a.label for a in attacks]
+    select = {k: cfg["select"].get(k) for k in ("clean", "robust", "tiebreak")}
+    for k, label in select.items():
+        if label not in labels:
+            raise ValueError(f"select.{k} in {path} must be one of the attack labels {labels}, got {label!r}")
+    size = _len(data)
+    return {"classifier": classifier, "data": data, "size": size, "points": points, "fixed": fixed,
+            "defences": defences, "costs": costs, "attacks": attacks, "select": select, "out": cfg["out"],
+            "n": checks.integer("n", cfg.get("n", size), 1, size),
+            "batch_size": checks.integer("batch_size", cfg.get("batch_size", 16), 1),
+            "clean_tol": checks.real("clean_tol", cfg.get("clean_tol", 0.02), 0, 1),
+            "robust_tol": checks.real("robust_tol", cfg.get("robust_tol", 0.0), 0, 1)}
+
+
+def _run(argv: Sequence[str]) -> int:
+    p = ArgumentParser(prog="python -m pursamere_fast.attacks.sweep run",
+                       description="Evaluate a grid of PurSAMERE configs on a validation split and pick one.")
+    p.add_argument("--config", type=existing_file, required=True,
+                   help="TOML: classifier, score, data, purify_config, out, n, batch_size, clean_tol, robust_tol, "
+                        "[data_kwargs], [grid] (field -> list) or [[point]] (overrides, optional defence = 'adp'), "
+                        "[[attack]] (AttackSpec fields), select = {clean, robust, tiebreak} attack labels. "
+                        "Its factories are code that is imported and called: only run configs you trust")
+    p.add_argument("--n", type=integer(1), default=None, help="override n of the TOML")
+    p.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    with option_errors(p, "--config"):
+        run = _setup(load_toml(args.config), args.config)
+    if args.n is not None:
+        if args.n > run["size"]:
+            p.error(f"argument --n: value must be <= {run['size']} (the samples of data), got {args.n}")
+        run["n"] = args.n
+    _init_distributed(None)
+    summary = evaluate(run["classifier"], run["data"], grid(run["defences"], run["attacks"]), out_dir=run["out"],
+                       indices=range(run["n"]), batch_size=run["batch_size"], progress=not args.no_progress)
     if _dist()[0] != 0:
         return 0
-    sel = cfg["select"]
+    sel, costs = run["select"], run["costs"]
     choice = choose_config(summary, costs, undefended="none", clean=sel["clean"], robust=sel["robust"],
-                           tiebreak=sel["tiebreak"], clean_tol=cfg.get("clean_tol", 0.02),
-                           robust_tol=cfg.get("robust_tol", 0.0))
-    chosen = None if choice["chosen"] is None else dict(points[list(costs).index(choice["chosen"])])
-    report = {"choice": choice, "chosen_overrides": chosen, "fixed_overrides": fixed, "summary": summary}
-    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+                           tiebreak=sel["tiebreak"], clean_tol=run["clean_tol"], robust_tol=run["robust_tol"])
+    chosen = None if choice["chosen"] is None else dict(run["points"][list(costs).index(choice["chosen"])])
+    report = {"choice": choice, "chosen_overrides": chosen, "fixed_overrides": run["fixed"], "summary": summary}
+    with open(os.path.join(run["out"], "sweep.json"), "w") as f:
         json.dump(report, f, indent=1)
-    with open(os.path.join(out_dir, "sweep.md"), "w") as f:
+    with open(os.path.join(run["out"], "sweep.md"), "w") as f:
         f.write(sweep_markdown(choice) + "\n" + markdown_table(summary))
     sys.stdout.write(sweep_markdown(choice))
     return 0
@@ -366,16 +410,18 @@ def collect_markdown(entries: Sequence[Mapping]) -> str:
 
 
 def _collect(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m pursamere_fast.attacks.sweep collect",
-                                description="Summarise the rows of several run directories (finished or stopped) "
-                                            "into summary.json, summary.md and the accuracy plots.")
+    p = ArgumentParser(prog="python -m pursamere_fast.attacks.sweep collect",
+                       description="Summarise the rows of several run directories (finished or stopped) "
+                                   "into summary.json, summary.md and the accuracy plots.")
     p.add_argument("--out", required=True, help="directory for summary.json and summary.md")
     p.add_argument("--all-rows", action="store_true",
                    help="keep every row (default: per directory, only samples with a row for every setting)")
-    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("runs", nargs="+", type=existing_dir, help="run directories")
     args = p.parse_args(argv)
-    entries = collect(args.runs, complete_only=not args.all_rows)
-    os.makedirs(args.out, exist_ok=True)
+    with option_errors(p, "runs"):
+        entries = collect(args.runs, complete_only=not args.all_rows)
+    with option_errors(p, "--out"):
+        os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(entries, f, indent=1)
     with open(os.path.join(args.out, "summary.md"), "w") as f:

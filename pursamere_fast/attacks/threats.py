@@ -14,13 +14,14 @@ Clean predictions always use the deterministic defence (its own seed).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .. import checks
 
 from .baselines import ADPPurifier
 from .pgd import NORMS, pgd
@@ -61,20 +62,14 @@ class AttackSpec:
     name: str | None = None
 
     def __post_init__(self):
-        if self.threat not in THREATS:
-            raise ValueError(f"threat must be one of {THREATS}, got {self.threat!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if (isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps)
-                or self.eps < 0):
-            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
-        for name, lo in (("steps", 0), ("restarts", 1), ("eot", 1), ("seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
-                                       or not math.isfinite(self.alpha) or self.alpha <= 0):
-            raise ValueError(f"alpha must be a finite number > 0 or None, got {self.alpha!r}")
+        checks.choice("threat", self.threat, THREATS)
+        checks.choice("norm", self.norm, NORMS)
+        checks.real("eps", self.eps, 0.0)
+        for name, lo in (("steps", 0), ("restarts", 1), ("eot", 1)):
+            checks.integer(name, getattr(self, name), lo)
+        checks.seed("seed", self.seed)
+        if self.alpha is not None:
+            checks.real("alpha", self.alpha, positive=True)
         if self.eot > 1 and self.threat != "bpda_eot":
             raise ValueError(f"eot > 1 needs threat='bpda_eot', got threat={self.threat!r}, eot={self.eot}")
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
@@ -135,8 +130,7 @@ class Defence:
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
-        if not callable(self.build):
-            raise ValueError(f"build must be callable, got {type(self.build).__name__}")
+        checks.function("build", self.build)
 
     @staticmethod
     def none(name: str = "none") -> "Defence":
@@ -238,8 +232,7 @@ def input_gradients(defence: Defence, classifier: nn.Module, x: torch.Tensor, y:
     Returns:
         Tensor of x's shape.
     """
-    if grad_mode not in ("bpda", "full"):
-        raise ValueError(f"grad_mode must be 'bpda' or 'full', got {grad_mode!r}")
+    checks.choice("grad_mode", grad_mode, ("bpda", "full"))
     model = PurifiedClassifier(defence.build(grad_mode, None), classifier, mean, std)
     xg = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .. import checks
+
 
 class IdentityPurifier(nn.Module):
     """The "no defence" purifier: returns its input (exact identity gradient)."""
@@ -106,15 +108,13 @@ class FreshNoisePurifier(nn.Module):
 
     def __init__(self, build: Callable[[int], nn.Module], seed: int = 0):
         super().__init__()
-        if not callable(build):
-            raise ValueError(f"build must be callable, got {type(build).__name__}")
+        checks.function("build", build)
         self.build = build
         self.reset(seed)
 
     def reset(self, seed: int) -> None:
         """Restart the seed sequence at `seed`."""
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        checks.seed("seed", seed)
         self.seed = seed
         self.calls = 0
 

@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from .. import checks
+
 __all__ = ["ScoreFn", "NoisePredictionScore", "LabelIndexedScore"]
 
 
@@ -44,8 +46,7 @@ class NoisePredictionScore(nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        if not callable(model):
-            raise ValueError(f"model must be callable model(y, sigma) -> eps_hat, got {type(model).__name__}")
+        checks.function("model", model)
         self.model = model
 
     def forward(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -75,8 +76,7 @@ class LabelIndexedScore(nn.Module):
 
     def __init__(self, model, sigmas):
         super().__init__()
-        if not callable(model):
-            raise ValueError(f"model must be callable model(y, labels) -> score, got {type(model).__name__}")
+        checks.function("model", model)
         try:
             ladder = torch.as_tensor(sigmas).detach().clone()
         except (TypeError, ValueError, RuntimeError):

@@ -19,7 +19,6 @@ ema_shadow]`) with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .. import checks
 
 __all__ = ["NCSNv2", "NCSNv2Score", "load_ncsnv2"]
 
@@ -197,11 +198,6 @@ def _geometric_sigmas(sigma_begin: float, sigma_end: float, num_classes: int) ->
     return torch.tensor(ladder).float()
 
 
-def _check_positive_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 class NCSNv2(nn.Module):
     """The official NCSNv2 score network (CIFAR-10 / CelebA variant, InstanceNorm++, ELU).
 
@@ -224,15 +220,14 @@ class NCSNv2(nn.Module):
     def __init__(self, image_size: int = 32, channels: int = 3, ngf: int = 128, num_classes: int = 232,
                  sigma_begin: float = 50.0, sigma_end: float = 0.01):
         super().__init__()
-        _check_positive_int("image_size", image_size, 2)
+        checks.integer("image_size", image_size, 2)
         if image_size % 2:
             raise ValueError(f"image_size must be even (one 2x downsampling), got {image_size}")
-        _check_positive_int("channels", channels, 1)
-        _check_positive_int("ngf", ngf, 2)
-        _check_positive_int("num_classes", num_classes, 1)
-        for name, value in (("sigma_begin", sigma_begin), ("sigma_end", sigma_end)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+        checks.integer("channels", channels, 1)
+        checks.integer("ngf", ngf, 2)
+        checks.integer("num_classes", num_classes, 1)
+        checks.real("sigma_begin", sigma_begin, positive=True)
+        checks.real("sigma_end", sigma_end, positive=True)
         if num_classes > 1 and not sigma_begin > sigma_end:
             raise ValueError(f"sigma_begin must be > sigma_end, got sigma_begin={sigma_begin}, sigma_end={sigma_end}")
         self.image_size = image_size

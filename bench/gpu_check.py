@@ -1,0 +1,314 @@
+"""The device session's measurements, against a deadline (bench/gpu_check.sh runs this).
+
+    python bench/gpu_check.py --out-dir $OUT --deadline EPOCH_S [--install-note TEXT]
+    python bench/gpu_check.py --tiny --out-dir DIR          # CPU, tiny sizes (tests/test_gpu_check.py)
+
+In order, writing <out-dir>/<gpu>.json (record.gpu_slug) after every step, so that a run
+killed at any point keeps every figure it finished ("current" names the step it was in):
+1. the GPU tests (pytest tests/test_gpu.py, killed after --tests-timeout-s, default 150):
+   counts and failure names (those finished before a timeout too), the log in
+   <out-dir>/tests.log; a failure does not stop what follows;
+2. the measured matmul and copy ceilings (record.ceilings, CUDA only, a few seconds);
+3. NCSNv2 CIFAR-10 (ngf 128, random weights, N = 8, K = 100, SAM on; bench_ncsnv2.measure)
+   in the order of `plan`: the core variants at B = 16, the reference and triton+graphs at
+   B = 1 with K = 20 (the ">= 5x the reference at B = 1" target), the core variants at B = 64;
+   then, if time is left, channels_last (B = 16, 64), the whole loop as one graph (B = 1 with
+   K = 20, B = 16) and compile (B = 16, 64).
+
+Deadline: a measurement starts only if its predicted cost (the per-image-step time of the
+same variant measured so far, else of the last measurement, times its calls) fits before the
+deadline; otherwise it is listed under "skipped" with the reason, and the next one is tried.
+Timed calls per measurement: one, then more (up to 5; 2 with --tiny) only out of the time the
+remaining core measurements are not predicted to need.
+
+--tiny runs the same plan on the CPU at bench_ncsnv2.SMALL (ngf 8, 8x8, N = 2, K = 2) with
+B = 1 and 2 standing in for 16 and 64, and one CPU test of tests/test_gpu.py; CUDA-only
+variants are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+import torch  # noqa: E402
+
+import bench_ncsnv2 as bn  # noqa: E402  (sets TRITON_INTERPRET on CPU-only machines first)
+import record  # noqa: E402
+
+CEILINGS_S = 30  # record.ceilings: 3 x 13 products of 8192^3 and 13 copies of 1 GiB, with slack
+# Inductor's build of NCSNv2 forward + input-backward: a guess (never measured on a GPU here).
+COMPILE_S = 150
+CORE = ("torch", "triton", "triton+graphs", "triton+graphs+bf16")
+FULL_TESTS = "tests/test_gpu.py"
+TINY_TESTS = "tests/test_gpu.py -k test_single_step_loop_uses_the_padded_noise_row"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    variant: str
+    batch: int
+    size: bn.Size
+    core: bool  # core entries are reserved time for; the others run only on what is left
+
+    @property
+    def steps(self) -> int:
+        return self.size.config().num_steps
+
+
+def plan(tiny: bool) -> list[Entry]:
+    """The measurements in priority order."""
+    if tiny:
+        main = short = dataclasses.replace(bn.SMALL, batches=(1, 2))
+    else:
+        main = bn.FULL
+        # The reference is the plain autograd loop: K = 20 (5 sigmas x 4) keeps it short, and
+        # triton+graphs runs the same K beside it, so their ratio needs no rescaling.
+        short = dataclasses.replace(bn.FULL, num_sigmas=5)
+    small, large = (1, 2) if tiny else (16, 64)
+    core = ([Entry(v, small, main, True) for v in CORE]
+            + [Entry(v, 1, short, True) for v in ("reference", "triton+graphs")]
+            + [Entry(v, large, main, True) for v in CORE])
+    # If time is left, the options docs/gpu.md still has to decide on: channels_last, the
+    # whole loop as one graph (graphs.CAPTURE_MODE), and compile (its build is the costliest).
+    extra = ([Entry("triton+graphs+bf16+cl", b, main, False) for b in (small, large)]
+             + [Entry("triton+graphs/loop", 1, short, False), Entry("triton+graphs/loop", small, main, False)]
+             + [Entry("triton+graphs+bf16+cl+compile", b, main, False) for b in (small, large)])
+    return core + extra
+
+
+def predicted_t_purify(entry: Entry, rows: list[dict]) -> float | None:
+    """Seconds of one purify call of `entry`, scaled per image-step from the same variant's
+    last row, else from the last row; None before any row."""
+    same = [r for r in rows if r["variant"] == entry.variant]
+    base = (same or rows or [None])[-1]
+    if base is None:
+        return None
+    return base["t_purify_s"] / (base["batch"] * base["steps"]) * entry.batch * entry.steps
+
+
+def network_s(entry: Entry, t_purify: float) -> float:
+    """Seconds of the bare-network bound: warm-up + reps of `network_passes` passes, of the 2K
+    passes a purify call makes."""
+    return t_purify * entry.size.network_passes * (entry.size.network_reps + 1) / (2 * entry.steps)
+
+
+def predicted_cost_s(entry: Entry, t_purify: float) -> float:
+    """Seconds a measurement takes with one timed call: the first call (a whole purify when it
+    captures or compiles), the timed call, and the bare-network bound."""
+    variant = bn.VARIANTS[entry.variant]
+    first = t_purify if variant.cuda_graph or variant.compile_score else 0.0
+    return first + t_purify + network_s(entry, t_purify) + (COMPILE_S if variant.compile_score else 0.0)
+
+
+def parse_pytest(output: str) -> dict:
+    """Counts and failures from `pytest -v -rfE` output, complete or cut off by a timeout."""
+    outcomes = re.findall(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", output, re.M)
+    counts = {}
+    for _, outcome in outcomes:
+        counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
+    summary = re.findall(r"^=+ (.* in [\d.]+s.*?) =+$", output, re.M)
+    return dict(counts=counts,
+                failures=[name for name, outcome in outcomes if outcome in ("FAILED", "ERROR")],
+                failure_lines=[line[:300] for line in re.findall(r"^(?:FAILED|ERROR) \S+.*$", output, re.M)],
+                summary=summary[-1] if summary else None)
+
+
+def run_tests(tests: str, timeout_s: float, log: Path) -> dict:
+    """pytest on `tests` (a shlex string) in a subprocess, killed with its children at timeout_s."""
+    cmd = [sys.executable, "-m", "pytest", *shlex.split(tests), "-v", "-rfE", "--tb=short", "-p", "no:cacheprovider"]
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        # Its own session, so that a timeout also ends what it started (Inductor's compile workers).
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            returncode = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):  # it may have ended just now
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            returncode = None
+    output = log.read_text(errors="replace")
+    return dict(command=shlex.join(cmd[1:]), timeout_s=round(timeout_s), wall_s=round(time.perf_counter() - t0, 1),
+                returncode=returncode, timed_out=returncode is None, log=log.name, **parse_pytest(output),
+                output_tail=output[-1500:] if returncode not in (0, 5) else None)
+
+
+def targets(rows: list[dict], large: int) -> dict:
+    """The issue's targets from the rows so far (missing figures are None); `large` stands for B = 64."""
+
+    def row(variant, batch):
+        return next((r for r in rows if r["variant"] == variant and r["batch"] == batch), None)
+
+    ref, fast = row("reference", 1), row("triton+graphs", 1)
+    bf16_large = [r for r in rows if r["precision"] == "bf16" and r["batch"] == large]
+    return {
+        "triton+graphs efficiency at B*N >= 128 (target >= 0.95)": {
+            str(r["batch"]): r["efficiency"] for r in rows
+            if r["variant"] == "triton+graphs" and r["batch"] * r["n_samples"] >= 128},
+        "triton+graphs speed-up over reference at B = 1 (target >= 5)":
+            ref["t_purify_s"] / fast["t_purify_s"] if ref and fast and ref["steps"] == fast["steps"] else None,
+        f"best bf16 MFU at B = {large} (target >= 0.35 at B = 64, stretch 0.5)":
+            max((r["mfu"] for r in bf16_large if r["mfu"] is not None), default=None),
+    }
+
+
+class Check:
+    """One run: the document, the deadline, and what has been measured."""
+
+    def __init__(self, args):
+        self.tiny = args.tiny
+        self.deadline = args.deadline
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.entries = plan(self.tiny)
+        self.max_rounds = 2 if self.tiny else 5
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_dir
+        self.path = out_dir / f"{record.gpu_slug(self.device)}.json"
+        self.batches = sorted({e.batch for e in self.entries})
+        main = self.entries[0].size
+        short_steps = next(e.steps for e in self.entries if e.variant == "reference")
+        self.doc = record.new_document(self.device, main, tuple(self.batches))
+        self.doc.update(
+            command="bash bench/gpu_check.sh" + (" --tiny" if self.tiny else ""),
+            mode="tiny (bench_ncsnv2.SMALL)" if self.tiny else "full",
+            install=args.install_note,
+            notes=[f"reference and triton+graphs at B = 1 run K = {short_steps} (the others K = "
+                   f"{main.config().num_steps}): the reference loop is slow; their ratio is a like-for-like speed-up",
+                   "rounds: timed purify calls per measurement, as many as the deadline allowed (at most "
+                   f"{self.max_rounds}); t_purify_s is their median, t_purify_each_s each call"],
+            errors=[], current="starting")
+        self.network_cache = {}
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def write(self) -> None:
+        self.doc["targets"] = targets(self.doc["results"], self.batches[-1])
+        record.write_json(self.doc, self.path)
+
+    def run(self, tests: str, tests_timeout_s: float) -> Path:
+        self.write()
+        self.step_tests(tests, tests_timeout_s)
+        self.step_ceilings()
+        for i, entry in enumerate(self.entries):
+            self.step_measure(entry, self.entries[i + 1:])
+        self.doc["current"] = "done"
+        self.write()
+        return self.path
+
+    def step_tests(self, tests: str, timeout_s: float) -> None:
+        if self.left() <= 0:
+            self.doc["gpu_tests"] = dict(skipped="deadline")
+        else:
+            self.doc["current"] = "gpu_tests"
+            self.write()
+            self.doc["gpu_tests"] = run_tests(tests, min(timeout_s, self.left()), self.out_dir / "tests.log")
+        result = self.doc["gpu_tests"]
+        print("gpu tests: " + (f"skipped: {result['skipped']}" if "skipped" in result else
+                               f"{result['summary'] or result['counts']}, timed out: {result['timed_out']}, "
+                               f"failures: {result['failures']}"), flush=True)
+        self.write()
+
+    def step_ceilings(self) -> None:
+        if self.device.type != "cuda" or self.tiny:
+            self.doc["ceilings"] = dict(skipped="measured at full size on CUDA only")
+        elif self.left() < CEILINGS_S:
+            self.doc["ceilings"] = dict(skipped="deadline")
+        else:
+            self.doc["current"] = "ceilings"
+            self.write()
+            try:
+                self.doc["ceilings"] = record.ceilings(self.device)
+            except Exception as exc:  # the benchmark has its datasheet peaks without them
+                self.doc["ceilings"] = dict(error=repr(exc)[:500])
+        self.write()
+
+    def step_measure(self, entry: Entry, later: list[Entry]) -> None:
+        variant = bn.VARIANTS[entry.variant]
+        reason = variant.unavailable(self.device, self.tiny)
+        t_pred = predicted_t_purify(entry, self.doc["results"])
+        cost = None if t_pred is None else predicted_cost_s(entry, t_pred)
+        left = self.left()
+        if reason is None and (left <= 0 or (cost is not None and cost > left)):
+            reason = f"deadline: {max(left, 0):.0f} s left" + (f", ~{cost:.0f} s predicted" if cost else "")
+        if reason:
+            self.doc["skipped"].append(dict(variant=entry.variant, batch=entry.batch, steps=entry.steps,
+                                            reason=reason))
+            print(f"B={entry.batch:3d} {entry.variant:32s} skipped: {reason}", flush=True)
+            self.write()
+            return
+        print(f"B={entry.batch:3d} {entry.variant:32s} starting: {left:.0f} s left"
+              + (f", ~{cost:.0f} s predicted" if cost else ""), flush=True)
+        self.doc["current"] = dict(variant=entry.variant, batch=entry.batch, steps=entry.steps,
+                                   started=time.strftime("%H:%M:%S"), predicted_s=cost)
+        self.write()
+        times = []
+
+        def timer(run, _rounds):  # measure's fixed rounds are replaced by what the deadline allows
+            times.append(bn.median_time(run, 1, self.device))
+            for _ in range(self.extra_rounds(entry, times[0], later)):
+                times.append(bn.median_time(run, 1, self.device))
+            return statistics.median(times)
+
+        try:
+            row = bn.measure(variant, entry.batch, entry.size, self.device, timer=timer,
+                             network_cache=self.network_cache)
+        except Exception as exc:  # a failed variant (capture, OOM, compile) must not stop the others
+            self.doc["errors"].append(dict(variant=entry.variant, batch=entry.batch, error=repr(exc)[:500],
+                                           traceback=traceback.format_exc()[-2000:]))
+            print(f"B={entry.batch:3d} {entry.variant:32s} failed: {exc!r}", flush=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            row.update(rounds=len(times), t_purify_each_s=times)
+            record.add_result(self.doc, row)
+        self.doc["current"] = None
+        self.write()
+
+    def extra_rounds(self, entry: Entry, t_purify: float, later: list[Entry]) -> int:
+        """Timed calls after the first: the slack left once the later core entries' predicted
+        costs (from the rows so far and this call) are reserved, shared with them."""
+        provisional = self.doc["results"] + [dict(variant=entry.variant, batch=entry.batch, steps=entry.steps,
+                                                  t_purify_s=t_purify)]
+        core = [e for e in later if e.core and bn.VARIANTS[e.variant].unavailable(self.device, self.tiny) is None]
+        reserve = sum(predicted_cost_s(e, predicted_t_purify(e, provisional)) for e in core)
+        slack = self.left() - reserve - network_s(entry, t_purify)
+        return max(0, min(self.max_rounds - 1, int(slack / (len(core) + 1) / t_purify)))
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="CPU, tiny sizes: the check of this script itself")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--deadline", type=float, default=time.time() + 540,
+                        help="Unix time by which everything must have ended (default: 540 s from now)")
+    parser.add_argument("--tests", help=f"pytest arguments of the GPU tests (default '{FULL_TESTS}'; "
+                                        f"--tiny: '{TINY_TESTS}')")
+    parser.add_argument("--tests-timeout-s", type=float, default=150)
+    parser.add_argument("--install-note", help="how gpu_check.sh installed the package, for the JSON")
+    args = parser.parse_args(argv)
+    path = Check(args).run(args.tests or (TINY_TESTS if args.tiny else FULL_TESTS), args.tests_timeout_s)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
