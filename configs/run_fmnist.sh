@@ -56,6 +56,8 @@ run() {  # one named job of the queue
     nosam_exact) evaluate nosam_exact "${B_NOSAM_EXACT:-350}" configs/fmnist_exact.toml nosam_exact "${NOSAM[@]}" ;;
     nosam_budgets) evaluate nosam_budgets "${B_NOSAM_BUDGETS:-350}" configs/fmnist_budgets.toml nosam_budgets "${NOSAM[@]}" ;;
     nosam_bpda200) evaluate nosam_bpda200 "${B_NOSAM_BPDA200:-350}" configs/fmnist_bpda200.toml nosam_bpda200 "${NOSAM[@]}" ;;
+    bf16_clean) evaluate bf16_clean "${B_BF16_CLEAN:-1500}" configs/fmnist_bf16.toml bf16_main "${NOSAM[@]}" --score-dtype bfloat16 ;;
+    bf16_bpda) evaluate bf16_bpda "${B_BF16_BPDA:-900}" configs/fmnist_bf16_bpda.toml bf16_bpda "${NOSAM[@]}" --score-dtype bfloat16 ;;
     sanity) NPROC=1 job sanity "${B_SANITY:-240}" -m pursamere_fast.cli sanity --config configs/fmnist_sanity.toml ;;
     none) NPROC=1 job none "${B_NONE:-900}" -m pursamere_fast.cli evaluate --config configs/fmnist_none.toml ;;
     *) echo "unknown job: $1" >&2; return 2 ;;

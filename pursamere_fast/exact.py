@@ -35,7 +35,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import checks
-from .purify import _CheckedScore, check_finite, check_score, make_noise, resolve_config
+from . import graphs
+from .purify import (_check_score_options, _CheckedScore, check_finite, check_score, chunk_images, make_noise,
+                     resolve_config, score_plan)
 from .reference.purify import ere, project, sam_perturbation
 
 
@@ -126,7 +128,8 @@ def _loop(x_adv, score, config, noise, create_graph, checkpointed=True):
     return x, torch.stack(trace, dim=1)
 
 
-def purify_unrolled(x_adv: torch.Tensor, score, config=None, noise: torch.Tensor | None = None) -> torch.Tensor:
+def purify_unrolled(x_adv: torch.Tensor, score, config=None, noise: torch.Tensor | None = None, *,
+                    score_dtype=None, channels_last="auto", chunk_rows="auto") -> torch.Tensor:
     """PurSAMERE with a graph back to x_adv (exact gradient; per-step checkpointing).
 
     Args:
@@ -134,6 +137,9 @@ def purify_unrolled(x_adv: torch.Tensor, score, config=None, noise: torch.Tensor
         score: callable score(y, sigma) -> (M, C, H, W).
         config: PurifyConfig (default PurifyConfig()).
         noise: (K, N, C, H, W) fixed noise (default `make_noise(config, ...)`).
+        score_dtype, channels_last, chunk_rows: as in `purify` (bf16 autocast and the
+            channels_last layout hold under double backward; torch.compile does not, so
+            there is no compile_score here).
 
     Returns:
         Purified images with x_adv's shape, dtype and device; differentiable w.r.t. x_adv
@@ -148,14 +154,19 @@ def purify_unrolled(x_adv: torch.Tensor, score, config=None, noise: torch.Tensor
     check_score(score)
     shape = (config.num_steps, config.n_samples, *x_adv.shape[1:])
     noise = make_noise(config, x_adv.shape[1:]) if noise is None else checks.tensor("noise", noise, shape)
+    _check_score_options(score_dtype, False, x_adv.dtype)
+    plan = score_plan(score, x_adv.shape[1:], x_adv.device, channels_last=channels_last, chunk_rows=chunk_rows)
+    module = graphs.module_of(score)
+    if plan["channels_last"] and module is not None:
+        module.to(memory_format=torch.channels_last)  # before _input_only takes its parameters
     compute = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
-    score = _input_only(score)
+    score = graphs.wrap_score(_input_only(score), graphs.ScoreOptions(score_dtype, plan["channels_last"]))
     create_graph = torch.is_grad_enabled() and x_adv.requires_grad and not torch.is_inference_mode_enabled()
     with torch.inference_mode(False), torch.enable_grad():
         src = x_adv if create_graph else x_adv.detach().clone()
         noise = noise.detach().to(device=x_adv.device, dtype=compute).clone()
         outs = []
-        for chunk in src.split(config.max_batch):
+        for chunk in src.split(chunk_images(config, plan["chunk_rows"])):
             x, trace = _loop(chunk.to(compute), _CheckedScore(score, config), config, noise, create_graph)
             check_finite(config, x.detach(), trace)
             outs.append(x)

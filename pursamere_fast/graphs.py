@@ -25,7 +25,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["CAPTURE_MODE", "ScoreOptions", "prepare_score", "run_graphed", "clear_graph_cache", "module_of"]
+__all__ = ["CAPTURE_MODE", "ScoreOptions", "prepare_score", "wrap_score", "run_graphed", "clear_graph_cache",
+           "module_of"]
 
 # Internal switch, read at call time (and part of the cache key): "step" or "loop". "step" is
 # the default because its graph is K times smaller (NCSNv2 with SAM: ~2,100 nodes instead of
@@ -108,6 +109,14 @@ def prepare_score(score, options: ScoreOptions):
             _PREPARED.popitem(last=False)
     _PREPARED.move_to_end(key)
     return entry[1]
+
+
+def wrap_score(score, options: ScoreOptions):
+    """`score` under uncompiled `options` (autocast, channels_last inputs), uncached: for
+    per-call closures such as the exact-gradient path's, which cannot be compiled (AOTAutograd
+    has no double backward)."""
+    assert not options.compile
+    return score if options == ScoreOptions() else _PreparedScore(score, options)
 
 
 class _PreparedScore:

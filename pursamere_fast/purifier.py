@@ -9,6 +9,8 @@ from . import checks
 from .purify import check_score, purify, resolve_config
 
 GRAD_MODES = ("none", "bpda", "full")
+# The purify options that hold under double backward (see exact.purify_unrolled).
+FULL_OPTIONS = {"score_dtype", "channels_last", "chunk_rows"}
 
 
 class Purifier(nn.Module):
@@ -20,13 +22,13 @@ class Purifier(nn.Module):
         grad_mode: "none" (output carries no gradient), "bpda" (straight-through identity
             backward), "full" (exact gradient through the unrolled loop).
         backend: backend of `purify` for grad_mode "none" and "bpda".
-        purify_options: further keyword arguments of `purify` for grad_mode "none" and
-            "bpda" (cuda_graph, score_dtype, channels_last, compile_score).
+        purify_options: further keyword arguments of `purify` (cuda_graph, score_dtype,
+            channels_last, compile_score, chunk_rows); grad_mode "full" takes score_dtype,
+            channels_last and chunk_rows.
 
     Raises:
         ValueError: unknown grad_mode, a score that is not callable, a bad config field, or
-            purify options with grad_mode "full" (which runs the reference loop and would
-            ignore them).
+            a purify option that grad_mode "full" cannot honour (compile_score, cuda_graph).
     """
 
     def __init__(self, score, config=None, *, grad_mode="none", backend="auto", purify_options=None, **overrides):
@@ -39,16 +41,17 @@ class Purifier(nn.Module):
         if purify_options is not None and not isinstance(purify_options, dict):
             raise ValueError(f"purify_options must be a dict of purify keyword arguments, got {purify_options!r}")
         self.purify_options = dict(purify_options or {})
-        if grad_mode == "full" and self.purify_options:
-            raise ValueError(f"purify_options do not apply to grad_mode='full', which differentiates the reference "
-                             f"loop; got {self.purify_options}")
+        extra = sorted(set(self.purify_options) - FULL_OPTIONS)
+        if grad_mode == "full" and extra:
+            raise ValueError(f"purify_options {extra} do not apply to grad_mode='full', which differentiates the "
+                             f"reference loop; it takes {sorted(FULL_OPTIONS)}")
 
     def forward(self, x, noise=None):
         """Purify x (B, C, H, W) in [0, 1]; `noise` overrides the config's fixed noise."""
         if self.grad_mode == "full":
             from .exact import purify_unrolled
 
-            return purify_unrolled(x, self.score, self.config, noise=noise)
+            return purify_unrolled(x, self.score, self.config, noise=noise, **self.purify_options)
 
         out = purify(x.detach(), self.score, self.config, noise=noise, backend=self.backend, **self.purify_options)
         if self.grad_mode == "bpda" and torch.is_grad_enabled() and x.requires_grad:

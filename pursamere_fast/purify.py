@@ -23,6 +23,12 @@ from .config import PurifyConfig
 from .reference.purify import purify_reference
 
 BACKENDS = ("auto", "reference", "torch", "triton")
+# Score pixels (rows x H x W) per chunk on a CPU. The shipped Fashion-MNIST score network
+# (forward + input-backward, 2 threads, AMD EPYC with AVX2) costs 2.5 ms per 28x28 row from 16
+# to 64 rows and 3.4 ms from 128 rows on: past ~50k pixels a layer's activations no longer fit
+# the cache. Purifying 64 shipped images (N = 2) in chunks of 64 rows instead of 128 took
+# 41 ms/img instead of 54 (bench/bench_score_options.py).
+CPU_CHUNK_PIXELS = 64 * 28 * 28
 
 
 class NonFiniteScoreError(FloatingPointError):
@@ -54,7 +60,7 @@ def make_noise(config: PurifyConfig, image_shape, device=None, dtype=None) -> to
 
 
 def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=False, cuda_graph="auto",
-           score_dtype=None, channels_last=False, compile_score=False, **overrides):
+           score_dtype=None, channels_last="auto", compile_score=False, chunk_rows="auto", **overrides):
     """Purify a batch with PurSAMERE (SPEC section 2).
 
     Args:
@@ -76,10 +82,17 @@ def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=
             Adam's state and the iterate stay float32. Needs a float32/16 input, not float64.
         channels_last: feed the score channels_last inputs and, for an nn.Module score,
             convert its 4-D parameters and buffers to channels_last in place (values
-            unchanged; the usual recipe for tensor-core convolutions).
+            unchanged; the usual recipe for tensor-core convolutions). "auto" (default): on a
+            CPU for a score module with convolutions, else off (`score_plan`).
         compile_score: run the score through torch.compile (compiled once per score and
             options; the first call pays the compilation). An nn.Module score is called with
             detached parameters so the compiled backward computes the input gradient only.
+            Off by default: on a 2-core AVX2 CPU it saved 4% on the shipped model after a
+            14-44 s first call.
+        chunk_rows: at most this many score rows (images x n_samples) per chunk, besides
+            `config.max_batch`; "auto" (default): on a CPU, CPU_CHUNK_PIXELS / (H x W) rows
+            (64 at 28x28), on CUDA no bound; None: no bound. Results do not depend on it
+            beyond the score network's rounding.
 
     Returns:
         x_pur with the shape, dtype and device of x_adv (and the ERE trace if asked; float32,
@@ -102,7 +115,8 @@ def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=
     checks.flag("return_ere", return_ere)
     backend = _resolve_backend(backend, x_adv.device)
     use_graph = _resolve_cuda_graph(cuda_graph, backend, x_adv.device, score)
-    _check_score_options(score_dtype, channels_last, compile_score, x_adv.dtype)
+    _check_score_options(score_dtype, compile_score, x_adv.dtype)
+    plan = score_plan(score, x_adv.shape[1:], x_adv.device, channels_last=channels_last, chunk_rows=chunk_rows)
     compute = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
     shape = (config.num_steps, config.n_samples, *x_adv.shape[1:])
     if noise is None:
@@ -110,13 +124,13 @@ def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=
     else:
         checks.tensor("noise", noise, shape)
         noise = noise.to(device=x_adv.device, dtype=x_adv.dtype)
-    options = graphs.ScoreOptions(score_dtype, channels_last, compile_score)
+    options = graphs.ScoreOptions(score_dtype, plan["channels_last"], compile_score)
     score_fn = graphs.prepare_score(score, options)
     # Autograd is needed inside even when the caller runs under no_grad or inference_mode.
     with torch.inference_mode(False), torch.enable_grad():
         noise = noise.to(compute).clone()
         outs, traces = [], []
-        for chunk in x_adv.split(config.max_batch):
+        for chunk in x_adv.split(chunk_images(config, plan["chunk_rows"])):
             chunk = chunk.detach().to(compute).clone()
             if backend == "reference":
                 x, trace, trace_sam, grad_sum = *purify_reference(chunk, _CheckedScore(score_fn, config), config, noise), \
@@ -374,13 +388,49 @@ def _resolve_cuda_graph(cuda_graph, backend, device, score):
     return backend != "reference" and device.type == "cuda" and graphs.module_of(score) is not None
 
 
-def _check_score_options(score_dtype, channels_last, compile_score, input_dtype):
+def score_plan(score, image_shape, device, *, channels_last="auto", chunk_rows="auto") -> dict:
+    """How `purify` runs `score` on `device` for images of `image_shape` (C, H, W): a rule on
+    facts of the machine and the score, never a timing race, so two runs compute the same
+    function. The evaluation manifest records it.
+
+    Returns:
+        {"channels_last": bool, "chunk_rows": int or None, "cpu_capability": str or None}.
+
+    Raises:
+        ValueError: channels_last not True, False or "auto"; chunk_rows not "auto", None or
+            an integer >= 1.
+    """
+    if channels_last != "auto":
+        checks.flag("channels_last", channels_last)
+    if chunk_rows is not None and chunk_rows != "auto":
+        checks.integer("chunk_rows", chunk_rows, 1)
+    device = torch.device(device)
+    cpu = device.type == "cpu"
+    capability = torch.backends.cpu.get_cpu_capability() if cpu else None
+    if channels_last == "auto":
+        # On a CPU, channels_last convolutions beat contiguous ones on the shipped model: 54 vs
+        # 69 ms/img on a 2-core AVX2 EPYC (64-row chunks, timed in alternation, separate copies
+        # of the model); issue 11 reported 26 vs 37 ms/img on an AVX-512 one.
+        module = graphs.module_of(score)
+        channels_last = cpu and module is not None and any(isinstance(m, nn.Conv2d) for m in module.modules())
+    if chunk_rows == "auto":
+        chunk_rows = max(1, CPU_CHUNK_PIXELS // math.prod(image_shape[1:])) if cpu else None
+    return {"channels_last": channels_last, "chunk_rows": chunk_rows, "cpu_capability": capability}
+
+
+def chunk_images(config: PurifyConfig, chunk_rows) -> int:
+    """Images per chunk: config.max_batch, and at most chunk_rows // n_samples (at least one)."""
+    if chunk_rows is None:
+        return config.max_batch
+    return max(1, min(config.max_batch, chunk_rows // config.n_samples))
+
+
+def _check_score_options(score_dtype, compile_score, input_dtype):
     if score_dtype is not None and score_dtype != torch.bfloat16:
         raise ValueError(f"score_dtype must be None or torch.bfloat16, got {score_dtype!r}")
     if score_dtype is not None and input_dtype == torch.float64:
         raise ValueError("score_dtype=torch.bfloat16 needs a float32 (or lower precision) x_adv: the float64 path "
                          "exists to match the reference exactly; got x_adv of dtype torch.float64")
-    checks.flag("channels_last", channels_last)
     checks.flag("compile_score", compile_score)
 
 

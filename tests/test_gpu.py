@@ -100,7 +100,8 @@ def test_reloaded_loop_equals_fresh_loop(name):
     loop.load(xb, nb)
     loop.run()
     assert_same(loop.result(), eager_loop(score, cfg, xb, nb), "reloaded vs fresh")
-    assert torch.equal(loop.result()[0], purify(xb, score, cfg, noise=nb, backend="torch", cuda_graph=False))
+    assert torch.equal(loop.result()[0], purify(xb, score, cfg, noise=nb, backend="torch", cuda_graph=False,
+                                                channels_last=False))
 
 
 def test_single_step_loop_uses_the_padded_noise_row():

@@ -15,6 +15,7 @@ from pursamere_fast.attacks import (AttackSpec, Defence, evaluate, grid, main_ev
                                     run_sanity, wilson_interval)
 from pursamere_fast.attacks import toy
 from pursamere_fast.attacks.cli import load_object
+from pursamere_fast.purify import CPU_CHUNK_PIXELS
 
 CONFIG = """\
 classifier = "pursamere_fast.attacks.toy:make_classifier"
@@ -119,6 +120,19 @@ def test_resume_refuses_a_changed_setting(tmp_path):
     with pytest.raises(ValueError, match="different setting"):
         evaluate(clf, data, [(Defence.none(), AttackSpec("bpda", "linf", 0.1, 1, name="a"))], out_dir=str(tmp_path),
                  progress=False, plots=False)
+
+
+def test_manifest_records_how_it_ran_and_refuses_another_batch_size(tmp_path):
+    clf = toy.make_classifier()
+    data = toy.synthetic_data(4, seed=2)
+    settings = [(_small_defence(), AttackSpec("clean"))]
+    evaluate(clf, data, settings, out_dir=str(tmp_path), batch_size=2, progress=False, plots=False)
+    run = json.loads((tmp_path / "manifest.json").read_text())["settings"]["pursamere | clean"]["run"]
+    assert run == {"device": "cpu", "batch_size": 2, "channels_last": True, "chunk_rows": CPU_CHUNK_PIXELS // (8 * 8),
+                   "cpu_capability": torch.backends.cpu.get_cpu_capability(), "score_dtype": "torch.float32"}
+    # Batches seed the attacks' random starts, so another batch size is another result.
+    with pytest.raises(ValueError, match="different setting"):
+        evaluate(clf, data, settings, out_dir=str(tmp_path), batch_size=4, progress=False, plots=False)
 
 
 def test_evaluate_rejects_bad_arguments(tmp_path):

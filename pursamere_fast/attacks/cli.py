@@ -181,6 +181,9 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         "fraction such as 8/255)")
     p.add_argument("--adp", action="append", default=[], metavar="KEY=VALUE", help="ADPPurifier argument")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="purify backend")
+    p.add_argument("--score-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="precision of the pursamere score network (bfloat16: autocast, for the attack and the "
+                        "judge alike; recorded in the manifest)")
     p.add_argument("--norm", default="linf", choices=NORMS)
     p.add_argument("--alpha", type=_alpha, default=None, help="step size (default 2.5 * eps / steps)")
     p.add_argument("--restarts", type=integer(1), default=1)
@@ -305,6 +308,10 @@ def _pursamere_overrides(cfg, args) -> dict:
     return {**_kv(cfg.get("pursamere")), **_kv(args.pursamere)}
 
 
+def _score_dtype(args):
+    return torch.bfloat16 if args.score_dtype == "bfloat16" else None
+
+
 def _defences(p: argparse.ArgumentParser, names, args, cfg, score=None) -> list[Defence]:
     out = []
     for name in names:
@@ -316,7 +323,8 @@ def _defences(p: argparse.ArgumentParser, names, args, cfg, score=None) -> list[
         if name == "pursamere":
             base = _base_config(p, args)
             with option_errors(p, "--pursamere"):
-                out.append(Defence.pursamere(score, base, backend=args.backend, **_pursamere_overrides(cfg, args)))
+                out.append(Defence.pursamere(score, base, backend=args.backend, score_dtype=_score_dtype(args),
+                                             **_pursamere_overrides(cfg, args)))
         else:  # "adp": the parser allows no other name
             with option_errors(p, "--adp"):
                 out.append(adp_defence(score, {**_kv(cfg.get("adp")), **_kv(args.adp)}))
@@ -397,7 +405,7 @@ def main_sanity(argv: Sequence[str] | None = None) -> int:
     if args.defence == "pursamere":
         over = {**_pursamere_overrides(cfg, args), "rho": 0.0}
         rho_zero = Defence.pursamere(score, _base_config(p, args), name="pursamere-rho0", backend=args.backend,
-                                     **over)
+                                     score_dtype=_score_dtype(args), **over)
     report = run_sanity(common["classifier"], common["data"], defence, out_dir=args.out, indices=common["indices"],
                         rho_zero=rho_zero, threat=args.threat, norm=args.norm, eps_list=args.eps_list,
                         steps_list=args.steps_list, eps_steps=args.eps_steps, tol=args.tol,

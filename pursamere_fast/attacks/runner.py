@@ -135,7 +135,8 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str, sort_keys=True))
 
 
-def _check_manifest(out_dir: str, settings: Sequence[tuple[Defence, AttackSpec]]) -> dict:
+def _check_manifest(out_dir: str, settings: Sequence[tuple[Defence, AttackSpec]], run: dict, image_shape,
+                    device: torch.device) -> dict:
     path = os.path.join(out_dir, MANIFEST)
     old = {}
     if os.path.exists(path):
@@ -144,7 +145,9 @@ def _check_manifest(out_dir: str, settings: Sequence[tuple[Defence, AttackSpec]]
     new = dict(old)
     for d, a in settings:
         label = f"{d.name} | {a.label}"
-        desc = _jsonable({"defence": dict(d.description), "attack": a.describe()})
+        # How it ran (device, batch size, purify's resolved score options) changes results too.
+        here = {**run, **(d.plan(image_shape, device) if d.plan is not None else {})}
+        desc = _jsonable({"defence": dict(d.description), "attack": a.describe(), "run": here})
         if label in old and old[label] != desc:
             raise ValueError(f"out_dir {out_dir!r} holds results of a different setting under {label!r}: "
                              f"stored {old[label]}, now {desc}; use a new out_dir or another name")
@@ -303,7 +306,9 @@ def evaluate(classifier: nn.Module, data, settings: Sequence[tuple[Defence, Atta
 
     rank, world = _dist()
     os.makedirs(out_dir, exist_ok=True)
-    manifest = _check_manifest(out_dir, settings)
+    image_shape = tuple(_get(data, indices[:1])[0].shape[1:]) if indices else ()
+    manifest = _check_manifest(out_dir, settings, {"device": device.type, "batch_size": batch_size}, image_shape,
+                               device)
     done = {_key(r["defence"], r["attack"], r["index"]) for r in _all_rows(out_dir)}
     _barrier()
     if rank == 0:

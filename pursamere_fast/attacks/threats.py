@@ -121,11 +121,15 @@ class Defence:
             draw (used by the stochastic threat "bpda_eot").
         description: JSON-able settings, stored in the run manifest so that a resumed
             run refuses rows produced by different settings.
+        plan: optional callable (image_shape, device) -> JSON-able dict of how the defence
+            runs there (purify's resolved score options), stored in the manifest beside
+            the description.
     """
 
     name: str
     build: Callable[[str, int | None], nn.Module]
     description: Mapping = field(default_factory=dict)
+    plan: Callable[[tuple, torch.device], Mapping] | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -139,7 +143,7 @@ class Defence:
 
     @staticmethod
     def pursamere(score: Callable, config=None, *, name: str = "pursamere", backend: str = "auto",
-                  **overrides) -> "Defence":
+                  score_dtype=None, **overrides) -> "Defence":
         """PurSAMERE through `pursamere_fast.Purifier` (grad_mode "full" -> exact gradient).
 
         Args:
@@ -147,17 +151,25 @@ class Defence:
             config: PurifyConfig (None: defaults).
             name: label.
             backend: purify backend for grad modes "none" and "bpda".
+            score_dtype: None (fp32) or torch.bfloat16: the score network under bf16 autocast
+                in every grad mode, so the attack and the judge run the same function.
             **overrides: PurifyConfig fields.
         """
         from pursamere_fast import Purifier, PurifyConfig
+        from pursamere_fast.purify import score_plan
 
         cfg = (config if config is not None else PurifyConfig()).with_overrides(**overrides)
+        options = {} if score_dtype is None else {"score_dtype": score_dtype}
 
         def build(grad_mode: str, seed: int | None) -> nn.Module:
             c = cfg if seed is None else dataclasses.replace(cfg, seed=seed)
-            return Purifier(score, c, grad_mode=grad_mode, backend=backend)
+            return Purifier(score, c, grad_mode=grad_mode, backend=backend, purify_options=options)
 
-        return Defence(name, build, {"kind": "pursamere", "backend": backend, **dataclasses.asdict(cfg)})
+        def plan(image_shape, device) -> dict:
+            return {**score_plan(score, image_shape, device), "score_dtype": str(score_dtype or torch.float32)}
+
+        Purifier(score, cfg, purify_options=options)  # validates the options now, not at first use
+        return Defence(name, build, {"kind": "pursamere", "backend": backend, **dataclasses.asdict(cfg)}, plan)
 
     @staticmethod
     def adp(score: Callable, *, name: str = "adp", **kwargs) -> "Defence":
