@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import checks
-from .purify import check_score, purify, resolve_config
+from .purify import purify, resolve_config
 
 GRAD_MODES = ("none", "bpda", "full")
 # The purify options that hold under double backward (see exact.purify_unrolled).
