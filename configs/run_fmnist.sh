@@ -38,6 +38,17 @@ evaluate() {  # name budget_s config out extra-args...
   job "$name" "$budget" -m pursamere_fast.cli evaluate --config "$config" --out "$OUT/final/$out" "$@"
 }
 
+MODELS=(--classifier pursamere_fast.pretrained:fashion_mnist.classifier --score pursamere_fast.pretrained:fashion_mnist.score
+        --purify-config pursamere_fast.pretrained:fashion_mnist.config --data pursamere_fast.pretrained:load_test_subset)
+
+converge() {  # name budget_s threat steps restarts extra-args...: PGD convergence on 100 validation images
+  local name=$1 budget=$2 threat=$3 steps=$4 restarts=$5
+  shift 5
+  NPROC=1 job "$name" "$budget" -m pursamere_fast.cli convergence "${MODELS[@]}" --validation 100 \
+    --threat "$threat" --eps 8/255 --steps "$steps" --restarts "$restarts" --batch-size 20 --no-progress \
+    --out "$OUT/conv/$name" "$@"
+}
+
 { date -u +%FT%TZ; sha256sum pursamere_fast/pretrained/*.safetensors pursamere_fast/pretrained/*.json; } >> "$OUT/provenance.txt"
 
 run() {  # one named job of the queue
@@ -58,8 +69,10 @@ run() {  # one named job of the queue
     nosam_bpda200) evaluate nosam_bpda200 "${B_NOSAM_BPDA200:-350}" configs/fmnist_bpda200.toml nosam_bpda200 "${NOSAM[@]}" ;;
     bf16_clean) evaluate bf16_clean "${B_BF16_CLEAN:-1500}" configs/fmnist_bf16.toml bf16_main "${NOSAM[@]}" --score-dtype bfloat16 ;;
     bf16_bpda) evaluate bf16_bpda "${B_BF16_BPDA:-900}" configs/fmnist_bf16_bpda.toml bf16_bpda "${NOSAM[@]}" --score-dtype bfloat16 ;;
-    sanity) NPROC=1 job sanity "${B_SANITY:-240}" -m pursamere_fast.cli sanity --config configs/fmnist_sanity.toml ;;
+    sanity) NPROC=1 job sanity "${B_SANITY:-2400}" -m pursamere_fast.cli sanity --config configs/fmnist_sanity.toml ;;
     none) NPROC=1 job none "${B_NONE:-900}" -m pursamere_fast.cli evaluate --config configs/fmnist_none.toml ;;
+    conv_bpda) converge conv_bpda "${B_CONV_BPDA:-5400}" bpda 200 3 --defence pursamere ;;
+    conv_exact) converge conv_exact "${B_CONV_EXACT:-5400}" exact 50 3 --defence pursamere ;;
     *) echo "unknown job: $1" >&2; return 2 ;;
   esac
 }

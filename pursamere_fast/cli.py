@@ -172,6 +172,7 @@ COMMANDS = {
     "train-classifier": ("pursamere_fast.train", "main_train_classifier"),
     "evaluate": ("pursamere_fast.attacks", "main_evaluate"),
     "sanity": ("pursamere_fast.attacks", "main_sanity"),
+    "convergence": ("pursamere_fast.attacks.convergence", "main"),
 }
 
 

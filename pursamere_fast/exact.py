@@ -26,6 +26,21 @@ there the derivative is taken as 0. Forward values are unchanged.
 
 The score's parameters are read detached: the attack differentiates w.r.t. the input only,
 and the score model gets no `.grad`.
+
+Straight-through estimators (`straight_through`, SPEC section 7; grad modes "full_st" and
+"full_st_proj" of `Purifier`). Adam's update lr * m_hat / (sqrt(v_hat) + eps) is nearly
+lr * sign(g) in its first steps (at k = 0 it is lr * g / (|g| + eps) exactly), and the
+derivative of a sign is ~0: the exact gradient treats those steps' directions as constants,
+and what the purification does with the input in its largest steps hardly reaches the
+attacker. The estimators change the backward only; the forward value is the exact one, bit
+for bit:
+- "adam": the normaliser 1 / (sqrt(v_hat) + eps) is held constant (detached), so a step's
+  derivative is lr / (sqrt(v_hat) + eps) times that of m_hat (v gets no gradient);
+- "adam_proj": as "adam", and the projection onto the rho-ball and the [0, 1] clamp have the
+  identity as derivative w.r.t. x (and none w.r.t. the ball's centre x_adv), so a bound
+  that binds no longer blocks the gradient.
+Both run through the same checkpointed step, which saves the same tensors (x, m, v, x_adv,
+noise), so the memory figures above hold for them.
 """
 
 from __future__ import annotations
@@ -34,11 +49,20 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import checks
-from . import graphs
-from .purify import (_check_score_options, _CheckedScore, check_finite, check_score, chunk_images, make_noise,
-                     resolve_config, score_plan)
+from . import checks, graphs
+from .purify import (
+    _check_score_options,
+    _CheckedScore,
+    check_finite,
+    check_score,
+    chunk_images,
+    make_noise,
+    resolve_config,
+    score_plan,
+)
 from .reference.purify import ere, project, sam_perturbation
+
+STRAIGHT_THROUGH = (None, "adam", "adam_proj")
 
 
 def _input_only(score):
@@ -65,7 +89,7 @@ def _ere_grad(x, score, sigma, eps, create_graph):
     return g, e.detach()
 
 
-def _step(x, m, v, x_adv, eps, k, sigma, lr, config, score, create_graph):
+def _step(x, m, v, x_adv, eps, k, sigma, lr, config, score, straight_through, create_graph):
     b1, b2 = config.betas
     g, e = _ere_grad(x, score, sigma, eps, create_graph)
     if config.sam_radius > 0:
@@ -76,7 +100,14 @@ def _step(x, m, v, x_adv, eps, k, sigma, lr, config, score, create_graph):
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
     bc1, bc2 = 1 - b1 ** (k + 1), 1 - b2 ** (k + 1)
-    x = x - lr * (m / bc1) / (_safe_sqrt(v / bc2) + config.adam_eps)
+    denom = _safe_sqrt(v / bc2) + config.adam_eps
+    if straight_through is not None:
+        denom = denom.detach()
+    x = x - lr * (m / bc1) / denom
+    if straight_through == "adam_proj":
+        # value + 0 is the projected value bit for bit; x + (value - x).detach() would round.
+        value = project(x.detach(), x_adv.detach(), config.rho, config.norm).clamp(0.0, 1.0)
+        return value + (x - x.detach()), m, v, e
     x = project(x, x_adv, config.rho, config.norm).clamp(0.0, 1.0)
     return x, m, v, e
 
@@ -93,10 +124,10 @@ class _CheckpointedStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, m, v, x_adv, eps, k, sigma, lr, config, score):
+    def forward(ctx, x, m, v, x_adv, eps, k, sigma, lr, config, score, straight_through):
         ctx.save_for_backward(x, m, v, x_adv, eps)
-        ctx.args = (k, sigma, lr, config, score)
-        x_new, m_new, v_new, e = _step(x, m, v, x_adv, eps, k, sigma, lr, config, score, False)
+        ctx.args = (k, sigma, lr, config, score, straight_through)
+        x_new, m_new, v_new, e = _step(x, m, v, x_adv, eps, *ctx.args, False)
         ctx.mark_non_differentiable(e)
         return x_new, m_new, v_new, e
 
@@ -113,23 +144,25 @@ class _CheckpointedStep(torch.autograd.Function):
             grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
                                         allow_unused=True) if pairs and wrt else []
         it = iter(grads)
-        return (*(next(it) if n else None for n in need), None, None, None, None, None, None)
+        return (*(next(it) if n else None for n in need), *[None] * 7)
 
 
-def _loop(x_adv, score, config, noise, create_graph, checkpointed=True):
+def _loop(x_adv, score, config, noise, create_graph, checkpointed=True, straight_through=None):
     x, m, v = x_adv, torch.zeros_like(x_adv), torch.zeros_like(x_adv)
     trace = []
     for k, (sigma, lr) in enumerate(zip(config.step_sigmas(), config.step_lrs())):
+        args = (x, m, v, x_adv, noise[k], k, sigma, lr, config, score, straight_through)
         if create_graph and checkpointed:
-            x, m, v, e = _CheckpointedStep.apply(x, m, v, x_adv, noise[k], k, sigma, lr, config, score)
+            x, m, v, e = _CheckpointedStep.apply(*args)
         else:
-            x, m, v, e = _step(x, m, v, x_adv, noise[k], k, sigma, lr, config, score, create_graph)
+            x, m, v, e = _step(*args, create_graph)
         trace.append(e)
     return x, torch.stack(trace, dim=1)
 
 
 def purify_unrolled(x_adv: torch.Tensor, score, config=None, noise: torch.Tensor | None = None, *,
-                    score_dtype=None, channels_last="auto", chunk_rows="auto") -> torch.Tensor:
+                    score_dtype=None, channels_last="auto", chunk_rows="auto",
+                    straight_through=None) -> torch.Tensor:
     """PurSAMERE with a graph back to x_adv (exact gradient; per-step checkpointing).
 
     Args:
@@ -140,18 +173,23 @@ def purify_unrolled(x_adv: torch.Tensor, score, config=None, noise: torch.Tensor
         score_dtype, channels_last, chunk_rows: as in `purify` (bf16 autocast and the
             channels_last layout hold under double backward; torch.compile does not, so
             there is no compile_score here).
+        straight_through: None (the exact gradient), "adam" (Adam's normaliser held
+            constant in the backward) or "adam_proj" (and the projection and clamp passed
+            straight through); see the module docstring. The forward value is the same.
 
     Returns:
         Purified images with x_adv's shape, dtype and device; differentiable w.r.t. x_adv
         when grad is enabled and x_adv requires grad, detached otherwise.
 
     Raises:
-        ValueError: bad x_adv, noise of the wrong shape, a score returning the wrong shape.
+        ValueError: bad x_adv, noise of the wrong shape, a score returning the wrong shape,
+            an unknown straight_through.
         NonFiniteScoreError: the score produced NaN/Inf (message names the step and sigma).
     """
     config = resolve_config(config, {})
     checks.images("x_adv", x_adv)
     check_score(score)
+    checks.choice("straight_through", straight_through, STRAIGHT_THROUGH)
     shape = (config.num_steps, config.n_samples, *x_adv.shape[1:])
     noise = make_noise(config, x_adv.shape[1:]) if noise is None else checks.tensor("noise", noise, shape)
     _check_score_options(score_dtype, False, x_adv.dtype)
@@ -167,7 +205,8 @@ def purify_unrolled(x_adv: torch.Tensor, score, config=None, noise: torch.Tensor
         noise = noise.detach().to(device=x_adv.device, dtype=compute).clone()
         outs = []
         for chunk in src.split(chunk_images(config, plan["chunk_rows"])):
-            x, trace = _loop(chunk.to(compute), _CheckedScore(score, config), config, noise, create_graph)
+            x, trace = _loop(chunk.to(compute), _CheckedScore(score, config), config, noise, create_graph,
+                             straight_through=straight_through)
             check_finite(config, x.detach(), trace)
             outs.append(x)
         out = torch.cat(outs).to(x_adv.dtype)

@@ -8,7 +8,10 @@ from torch import nn
 from . import checks
 from .purify import purify, resolve_config
 
-GRAD_MODES = ("none", "bpda", "full")
+# Every purifier (Purifier, attacks.baselines.ADPPurifier) accepts these names.
+GRAD_MODES = ("none", "bpda", "full", "full_st", "full_st_proj")
+# The exact-gradient modes and the straight-through estimator each passes to purify_unrolled.
+_STRAIGHT_THROUGH = {"full": None, "full_st": "adam", "full_st_proj": "adam_proj"}
 # The purify options that hold under double backward (see exact.purify_unrolled).
 FULL_OPTIONS = {"score_dtype", "channels_last", "chunk_rows"}
 
@@ -20,15 +23,19 @@ class Purifier(nn.Module):
         score: callable score(y, sigma); registered as a submodule when it is an nn.Module.
         config: PurifyConfig (default PurifyConfig()); `**overrides` replace its fields.
         grad_mode: "none" (output carries no gradient), "bpda" (straight-through identity
-            backward), "full" (exact gradient through the unrolled loop).
+            backward), "full" (exact gradient through the unrolled loop), "full_st" (as
+            "full" with Adam's normaliser 1 / (sqrt(v_hat) + eps) held constant in the
+            backward), "full_st_proj" (as "full_st", and the projection and [0, 1] clamp
+            passed straight through); see `pursamere_fast.exact`. Every mode has the same
+            forward value.
         backend: backend of `purify` for grad_mode "none" and "bpda".
         purify_options: further keyword arguments of `purify` (cuda_graph, score_dtype,
-            channels_last, compile_score, chunk_rows); grad_mode "full" takes score_dtype,
+            channels_last, compile_score, chunk_rows); the "full*" modes take score_dtype,
             channels_last and chunk_rows.
 
     Raises:
         ValueError: unknown grad_mode, a score that is not callable, a bad config field, or
-            a purify option that grad_mode "full" cannot honour (compile_score, cuda_graph).
+            a purify option that the "full*" modes cannot honour (compile_score, cuda_graph).
     """
 
     def __init__(self, score, config=None, *, grad_mode="none", backend="auto", purify_options=None, **overrides):
@@ -42,16 +49,17 @@ class Purifier(nn.Module):
             raise ValueError(f"purify_options must be a dict of purify keyword arguments, got {purify_options!r}")
         self.purify_options = dict(purify_options or {})
         extra = sorted(set(self.purify_options) - FULL_OPTIONS)
-        if grad_mode == "full" and extra:
-            raise ValueError(f"purify_options {extra} do not apply to grad_mode='full', which differentiates the "
-                             f"reference loop; it takes {sorted(FULL_OPTIONS)}")
+        if grad_mode in _STRAIGHT_THROUGH and extra:
+            raise ValueError(f"purify_options {extra} do not apply to grad_mode={grad_mode!r}, which differentiates "
+                             f"the reference loop; it takes {sorted(FULL_OPTIONS)}")
 
     def forward(self, x, noise=None):
         """Purify x (B, C, H, W) in [0, 1]; `noise` overrides the config's fixed noise."""
-        if self.grad_mode == "full":
+        if self.grad_mode in _STRAIGHT_THROUGH:
             from .exact import purify_unrolled
 
-            return purify_unrolled(x, self.score, self.config, noise=noise, **self.purify_options)
+            return purify_unrolled(x, self.score, self.config, noise=noise,
+                                   straight_through=_STRAIGHT_THROUGH[self.grad_mode], **self.purify_options)
 
         out = purify(x.detach(), self.score, self.config, noise=noise, backend=self.backend, **self.purify_options)
         if self.grad_mode == "bpda" and torch.is_grad_enabled() and x.requires_grad:

@@ -1,5 +1,6 @@
 """PGD, projections, wrappers, threat models and baselines on tiny synthetic data."""
 
+import copy
 import math
 
 import pytest
@@ -8,8 +9,8 @@ from torch.nn import functional as F
 
 from pursamere_fast import PurifyConfig
 from pursamere_fast.attacks import (ADPPurifier, AttackSpec, Defence, FreshNoisePurifier, IdentityPurifier,
-                                    PurifiedClassifier, StraightThrough, cosine_per_sample, input_gradients, pgd,
-                                    project_l1, run_attack, wilson_interval)
+                                    PurifiedClassifier, StraightThrough, attack_loss, cosine_per_sample,
+                                    input_gradients, pgd, project_l1, run_attack, wilson_interval)
 from pursamere_fast.attacks import toy
 
 P = {"linf": math.inf, "l2": 2, "l1": 1}
@@ -70,7 +71,7 @@ def test_pgd_deterministic_and_leaves_global_rng_and_grads_alone(setup):
 
 def test_restarts_keep_the_per_sample_worst_case(setup):
     clf, x, y = setup
-    kw = dict(norm="linf", eps=0.05, alpha=0.02, steps=3, seed=3)
+    kw = dict(norm="linf", eps=0.08, alpha=0.02, steps=3, seed=3)
     one = pgd(clf, x, y, restarts=1, **kw)
     three = pgd(clf, x, y, restarts=3, **kw)
     with torch.no_grad():
@@ -89,12 +90,177 @@ def test_restarts_keep_the_per_sample_worst_case(setup):
 
 def test_l1_step_is_sparse():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
-    x = torch.full((2, 1, 8, 8), 0.5)
-    y = torch.tensor([0, 1])
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([10.0, 0.0, 0.0]))  # class 0 before and after the step
+    x = torch.stack([torch.full((1, 8, 8), 0.5), torch.full((1, 8, 8), 0.3)])
+    y = torch.tensor([0, 0])
+    # The cross-entropy of a linear model is convex in x, so the step raises the loss and the
+    # returned iterate (highest loss, nothing fooled) is the stepped one.
     x_adv = pgd(model, x, y, norm="l1", eps=10.0, alpha=0.5, steps=1, random_start=False, l1_sparsity=0.1)
     changed = ((x_adv - x).abs() > 0).flatten(1).sum(1)
     assert changed.tolist() == [math.ceil(0.1 * 64)] * 2
     assert torch.allclose(_dist(x_adv, x, "l1"), torch.full((2,), 0.5, dtype=torch.float64))
+
+
+class _Bump(torch.nn.Module):
+    """Two classes on a 1x1 image p: z = (z0, 1 - ((p - 0.6) / 0.1)^2). From p = 0.5, linf
+    steps of 0.15 oscillate 0.5 -> 0.65 -> 0.5: the middle iterate is the one of highest
+    loss, and it fools the model iff z0 < 0.75."""
+
+    def __init__(self, z0):
+        super().__init__()
+        self.z0 = z0
+
+    def forward(self, x):
+        p = x.flatten(1)[:, 0]
+        return torch.stack([torch.full_like(p, self.z0), 1 - ((p - 0.6) / 0.1) ** 2], dim=1)
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw"])
+def test_pgd_keeps_the_worst_iterate_not_the_last(loss):
+    x, y = torch.full((1, 1, 1, 1), 0.5, dtype=torch.float64), torch.tensor([0])
+    kw = dict(norm="linf", eps=0.2, alpha=0.15, steps=2, random_start=False, loss=loss, return_history=True)
+    fooled = _Bump(0.1)
+    x_adv, first = pgd(fooled, x, y, **kw)
+    assert x_adv.item() == pytest.approx(0.65) and first.tolist() == [1]
+    with torch.no_grad():
+        assert fooled(x_adv).argmax(1).item() == 1
+        assert fooled(x).argmax(1).item() == 0  # the last iterate (back at 0.5) is not fooled
+    assert torch.equal(pgd(fooled, x, y, **(kw | {"return_history": False})), x_adv)
+    # Never fooled: the iterate of highest loss (the middle one), not the last.
+    x_adv, first = pgd(_Bump(2.0), x, y, **kw)
+    assert x_adv.item() == pytest.approx(0.65) and first.tolist() == [-1]
+
+
+class _Recorder(torch.nn.Module):
+    """Never fooled (class 0 is 100 logits ahead); records every input it is called on."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        s = x.flatten(1).sum(1)
+        return torch.stack([100 + 0 * s, s], dim=1)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_restarts_start_independently_and_batch_invariantly(setup, norm):
+    _, x, _ = setup
+    x, y, eps = x[:4], torch.zeros(4, dtype=torch.int64), EPS[norm]
+    kw = dict(norm=norm, eps=eps, alpha=0.1, steps=0)
+    state = torch.get_rng_state()
+    rec = _Recorder()
+    pgd(rec, x, y, restarts=3, seed=5, **kw)
+    starts = rec.seen
+    assert len(starts) == 3
+    for s in starts:
+        assert bool((_dist(s, x, norm) <= eps * (1 + 1e-6)).all()) and bool((_dist(s, x, norm) > 0).all())
+    assert not any(torch.equal(starts[i] - x, starts[j] - x) for i in range(3) for j in range(i))
+    # Restart 0 is the run of one restart; a sample's starts do not depend on the batch.
+    one = _Recorder()
+    pgd(one, x, y, restarts=1, seed=5, **kw)
+    assert torch.equal(one.seen[0], starts[0])
+    single = _Recorder()
+    pgd(single, x[2:3], y[2:3], restarts=3, seed=5, **kw)
+    assert all(torch.equal(a, b[2:3]) for a, b in zip(single.seen, starts))
+    # Per-sample seeds: sample i's starts follow its own seed wherever it sits in the batch.
+    per = _Recorder()
+    pgd(per, x, y, restarts=2, seed=[7, 8, 9, 10], **kw)
+    alone = _Recorder()
+    pgd(alone, x[1:2], y[1:2], restarts=2, seed=[8], **kw)
+    assert all(torch.equal(a, b[1:2]) for a, b in zip(alone.seen, per.seen))
+    assert not torch.equal(per.seen[0][0] - x[0], per.seen[0][1] - x[1])
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_batch_invariant(setup, norm):
+    clf, x, y = setup
+    clf = copy.deepcopy(clf).double()
+    x, y = x[:8].double(), y[:8]
+    eps = {"linf": 0.08, "l2": 0.4}[norm]
+    kw = dict(norm=norm, eps=eps, alpha=eps / 4, steps=6, restarts=2, return_history=True)
+    full, first = pgd(clf, x, y, seed=3, **kw)
+    per, per_first = pgd(clf, x, y, seed=list(range(10, 18)), **kw)
+    # Some samples break mid-run and leave the batch, others survive every step.
+    assert 0 < int((first >= 0).sum()) < 8 and 0 < int((per_first >= 0).sum()) < 8
+    # float64: linf measured bitwise equal; l2 within 2.2e-16 (a per-row norm whose reduction
+    # order depends on the batch size).
+    for i in range(8):
+        one, f = pgd(clf, x[i:i + 1], y[i:i + 1], seed=3, **kw)
+        torch.testing.assert_close(one, full[i:i + 1], rtol=0, atol=1e-12)
+        assert f.item() == first[i].item()
+        one, f = pgd(clf, x[i:i + 1], y[i:i + 1], seed=[10 + i], **kw)
+        torch.testing.assert_close(one, per[i:i + 1], rtol=0, atol=1e-12)
+        assert f.item() == per_first[i].item()
+
+
+def test_eot_averages_logits_and_gradients(setup):
+    clf, x, y = setup
+    kw = dict(norm="linf", eps=0.06, alpha=0.01, steps=4, seed=1)
+    # A deterministic model: the mean of identical draws is the draw itself, bit for bit.
+    assert torch.equal(pgd(clf, x, y, eot=3, **kw), pgd(clf, x, y, eot=1, **kw))
+
+
+def test_pgd_refuses_restarts_without_random_start(setup):
+    clf, x, y = setup
+    with pytest.raises(ValueError, match="restarts.*random_start"):
+        pgd(clf, x[:2], y[:2], norm="linf", eps=0.1, alpha=0.01, steps=1, restarts=2, random_start=False)
+
+
+def test_attack_losses_match_a_hand_computation():
+    z = torch.tensor([[1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0], [0.5, 0.5, -1.0, 4.0]])
+    y = torch.tensor([0, 1, 3])
+    # cw: max_{j != y} z_j - z_y; dlr: that margin over (largest - third largest logit).
+    assert attack_loss(z, y, "cw").tolist() == [3 - 1, 2 - 3, 0.5 - 4]
+    assert torch.allclose(attack_loss(z, y, "dlr"), torch.tensor([2 / 2, -1 / 2, -3.5 / 3.5]))
+    assert torch.allclose(attack_loss(z, y, "ce"), F.cross_entropy(z, y, reduction="none"))
+    # dlr is invariant to shifting and positive scaling of the logits.
+    assert torch.allclose(attack_loss(7 * z - 3, y, "dlr"), attack_loss(z, y, "dlr"))
+    with pytest.raises(ValueError, match="dlr"):
+        attack_loss(z[:, :2], y.clamp(max=1), "dlr")
+    with pytest.raises(ValueError, match="loss"):
+        attack_loss(z, y, "hinge")
+
+
+@pytest.mark.parametrize("loss", ["cw", "dlr"])
+def test_pgd_margin_losses_break_the_model(setup, loss):
+    clf, x, y = setup
+    x_adv = pgd(clf, x, y, norm="linf", eps=0.08, alpha=0.02, steps=10, loss=loss)
+    assert _acc(clf, x_adv, y) < _acc(clf, x, y) - 0.3
+
+
+def test_pgd_dlr_needs_three_classes():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    with pytest.raises(ValueError, match="dlr.*3 classes"):
+        pgd(model, torch.full((2, 1, 8, 8), 0.5), torch.tensor([0, 1]), norm="linf", eps=0.1, alpha=0.01,
+            steps=1, loss="dlr")
+
+
+def test_return_history_gives_every_shorter_run(setup):
+    clf, x, y = setup
+    kw = dict(norm="linf", eps=0.06, alpha=0.01, seed=2)
+    x_adv, first = pgd(clf, x, y, steps=8, return_history=True, **kw)
+    assert first.dtype == torch.int64 and first.shape == y.shape
+    with torch.no_grad():
+        assert torch.equal(first >= 0, clf(x_adv).argmax(1) != y)
+    # One long run at a fixed step contains the shorter ones (restart 0: index = steps taken).
+    for k in (0, 3, 8):
+        with torch.no_grad():
+            wrong_k = clf(pgd(clf, x, y, steps=k, **kw)).argmax(1) != y
+        assert torch.equal(wrong_k, (first >= 0) & (first <= k))
+    assert 0 < int(((first > 0) & (first < 8)).sum())
+    # Restart r, step s -> r * (steps + 1) + s; restart 0 is the single-restart run.
+    x3, first3 = pgd(clf, x, y, steps=8, restarts=3, return_history=True, **kw)
+    assert torch.equal(torch.where((first3 >= 0) & (first3 <= 8), first3, -1), first)
+    assert int((first3 > 8).sum()) > 0 and int(first3.max()) <= 3 * 9 - 1
+    assert torch.equal(x3[first >= 0], x_adv[first >= 0])
+    # Zero budget: the verdict on x itself.
+    _, first0 = pgd(clf, x, y, steps=5, eps=0.0, alpha=0.01, norm="linf", return_history=True)
+    with torch.no_grad():
+        assert torch.equal(first0, torch.where(clf(x).argmax(1) != y, 0, -1))
 
 
 def _project_l1_bisection(v, eps):
@@ -279,8 +445,8 @@ def test_bpda_eot_averages_fresh_draws(setup):
 
     run_attack(Defence("probe", build), AttackSpec("bpda_eot", "linf", 0.05, 3, eot=4), clf, x[:4], y[:4], seed=2)
     attack_seeds = [s for m, s in calls if m == "bpda"]
-    # 3 steps x 4 EoT draws, each a fresh seed (one restart: no final-loss call).
-    assert len(attack_seeds) == 3 * 4 and len(set(attack_seeds)) == len(attack_seeds)
+    # (3 steps + the verdict on the last iterate) x 4 EoT draws, each a fresh seed.
+    assert len(attack_seeds) == (3 + 1) * 4 and len(set(attack_seeds)) == len(attack_seeds)
     judge = [s for m, s in calls if m == "none" and s is not None]
     assert len(judge) == 1 and judge[0] not in attack_seeds
 

@@ -17,7 +17,7 @@ CORE_ONLY = """
     score = ConvScoreNet(1, 4, 2).eval()
     cfg = pf.PurifyConfig(sigmas=(0.2, 0.1), steps_per_sigma=1, n_samples=2)
     x = torch.rand(2, 1, 6, 6, requires_grad=True)
-    for mode in ("none", "bpda", "full"):
+    for mode in pf.purifier.GRAD_MODES:
         out = pf.Purifier(score, cfg, grad_mode=mode)(x)
         if out.requires_grad:
             out.sum().backward()
@@ -30,7 +30,7 @@ FORBIDDEN = ("pursamere_fast.attacks", "pursamere_fast.cli", "pursamere_fast.dem
 
 def test_core_imports_no_harness_or_cli_and_needs_no_tomllib():
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CORE_ONLY)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          check=False, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     loaded = proc.stdout.split()
     assert "pursamere_fast.exact" in loaded and "pursamere_fast.kernels" in loaded, loaded

@@ -58,22 +58,31 @@ BUDGETS = [("linf", 0.05, "PGD"), ("linf", 0.06, "PGD"), ("l2", 0.4, "PGDL2"), (
 @pytest.mark.parametrize("norm, eps, cls", BUDGETS)
 def test_without_random_start_is_the_same_algorithm(setup, norm, eps, cls):
     clf, x, y = setup
-    kw = dict(eps=eps, alpha=eps / 4, steps=10, random_start=False)
-    ours = pgd(clf, x, y, norm=norm, **kw)
-    theirs = _theirs(getattr(torchattacks, cls), clf, x, y, 0, **kw)
+    kw = dict(eps=eps, alpha=eps / 4, random_start=False)
+    ours, first = pgd(clf, x, y, norm=norm, steps=10, return_history=True, **kw)
+    # Ours returns the first iterate that fools the model (torchattacks: the last one), so a
+    # sample ours broke at step s is compared with torchattacks run for s steps.
+    theirs = torch.empty_like(x)
+    for s in first.unique().tolist():
+        sel = first == s
+        theirs[sel] = _theirs(getattr(torchattacks, cls), clf, x[sel], y[sel], 0, steps=10 if s < 0 else s, **kw)
     dist = (ours - theirs).flatten(1).norm(dim=1)
+    broken = first >= 0
+    assert 0.1 < broken.double().mean().item() < 0.9, "the budget must leave both kinds of samples"
     # The same algorithm up to float rounding (ours: summed loss, delta-space update; theirs: mean
     # loss, image-space update). Rounding stays at rounding size along most trajectories (median
     # 2.7e-7 on AVX2, AVX-512, SSE4.1 and scalar kernels alike), but a trajectory that passes
     # close to a sign flip or a projection boundary can amplify it: one sample of 1,000 ended
     # 3.8e-3 apart on AVX2 (0.75% of eps), 6.2e-3 on an AVX-512 CPU, none on scalar kernels.
-    # So: rounding-size agreement for all but 1% of the samples, and predictions that differ only
-    # where the iterates do.
+    # So: rounding-size agreement for all but 1% of the broken samples, and predictions that
+    # differ only where the iterates do. A sample never broken returns its highest-loss
+    # iterate, not the last: only its verdict is compared (torchattacks must not break it).
     diverged = dist > 1e-4 * eps
-    assert dist.median().item() < 1e-5, dist.median().item()
-    assert diverged.sum().item() <= 0.01 * len(x), f"{diverged.sum().item()} samples diverged"
+    assert dist[broken].median().item() < 1e-5, dist[broken].median().item()
+    assert (diverged & broken).sum().item() <= 0.01 * len(x), f"{(diverged & broken).sum().item()} samples diverged"
     flipped = _correct(clf, ours, y) != _correct(clf, theirs, y)
-    assert not (flipped & ~diverged).any(), "predictions differ where the iterates agree to rounding"
+    assert not (flipped & broken & ~diverged).any(), "predictions differ where the iterates agree to rounding"
+    assert flipped[~broken].sum().item() <= 0.01 * len(x), "torchattacks broke samples our iterates never did"
 
 
 @pytest.mark.parametrize("norm, eps, cls", BUDGETS)

@@ -250,7 +250,7 @@ def test_sanity_flags_a_defence_that_masks_gradients(tmp_path, trained):
     clf = trained[0]
     data = toy.synthetic_data(16, seed=1)
     masked = Defence("masked", lambda grad_mode, seed: _MaskedIdentity())
-    kw = dict(eps_list=(0.0, 0.15), steps_list=(3,), grad_n=0, progress=False)
+    kw = dict(eps_list=(0.0, 0.2), steps_list=(8,), grad_n=0, progress=False)  # 8 steps of eps / 4
     report = run_sanity(clf, data, masked, threat="exact", out_dir=str(tmp_path / "exact"), **kw)
     assert report["checks"][0]["passed"] is False, report["checks"][0]["detail"]
     honest = run_sanity(clf, data, Defence.none(name="plain"), threat="bpda", out_dir=str(tmp_path / "bpda"), **kw)
@@ -261,13 +261,13 @@ def test_main_sanity_exit_code(tmp_path, trained):
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(f'defence = "none"\nn = 12\n[classifier_kwargs]\ncheckpoint = "{trained[1]}"\n')
     rc = main_sanity(["--config", str(cfg), "--out", str(tmp_path / "ok"), "--eps-list", "0,0.3",
-                      "--steps-list", "2", "--grad-n", "0", "--no-progress"])
+                      "--steps-list", "6", "--grad-n", "0", "--no-progress"])  # 6 steps of eps / 4
     assert rc == 0
     report = json.loads((tmp_path / "ok" / "sanity.json").read_text())
     assert [c["passed"] for c in report["checks"]] == [True, True, None]
     # A budget too small to break the model fails the "falls to ~0" check: exit code 1.
     rc = main_sanity(["--config", str(cfg), "--out", str(tmp_path / "fail"), "--eps-list", "0,0.01",
-                      "--steps-list", "2", "--grad-n", "0", "--no-progress"])
+                      "--steps-list", "6", "--grad-n", "0", "--no-progress"])
     assert rc == 1
 
 

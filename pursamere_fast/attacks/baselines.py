@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from .. import checks
-
-GRAD_MODES = ("none", "bpda", "full")
+from ..purifier import GRAD_MODES
 
 
 class ADPPurifier(nn.Module):
@@ -30,8 +29,12 @@ class ADPPurifier(nn.Module):
         steps: score-ascent steps, >= 1.
         alpha: step multiplier (x += alpha * sigma^2 * s), > 0.
         seed: seed of the injected noise.
-        grad_mode: "none" (no graph), "bpda" (identity backward) or "full" (backprop
-            through the steps: a single backward through the score per step).
+        grad_mode: one of `pursamere_fast.purifier.GRAD_MODES`: "none" (no graph), "bpda"
+            (identity backward), "full" (backprop through the steps: a single backward
+            through the score per step), "full_st" (the same as "full": ADP has no Adam
+            normaliser to hold constant, and the name is accepted so that every purifier
+            takes the same grad modes), "full_st_proj" (as "full", with the two [0, 1]
+            clamps passed straight through). Every mode has the same forward value.
 
     Raises:
         ValueError: on a bad argument (named in the message).
@@ -48,20 +51,26 @@ class ADPPurifier(nn.Module):
         self.seed = checks.seed("seed", seed)
         self.grad_mode = checks.choice("grad_mode", grad_mode, GRAD_MODES)
 
+    def _clamp(self, y: torch.Tensor) -> torch.Tensor:
+        if self.grad_mode != "full_st_proj":
+            return y.clamp(0, 1)
+        # value + 0 is the clamp's value bit for bit; y + (clamp(y) - y).detach() would round.
+        return y.detach().clamp(0, 1) + (y - y.detach())
+
     def _purify(self, x: torch.Tensor) -> torch.Tensor:
         noise = torch.randn(x.shape[1:], generator=torch.Generator("cpu").manual_seed(self.seed),
                             dtype=torch.float32).to(device=x.device, dtype=x.dtype)
-        y = (x + self.noise_std * noise).clamp(0, 1)
+        y = self._clamp(x + self.noise_std * noise)
         sig = torch.full((x.shape[0],), self.sigma, device=x.device, dtype=x.dtype)
         for _ in range(self.steps):
             s = self.score(y, sig)
             if s.shape != y.shape:
                 raise ValueError(f"score returned shape {tuple(s.shape)}, expected {tuple(y.shape)}")
             y = y + self.alpha * self.sigma**2 * s
-        return y.clamp(0, 1)
+        return self._clamp(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_mode == "full":
+        if self.grad_mode.startswith("full"):
             return self._purify(x)
         with torch.no_grad():
             out = self._purify(x.detach())

@@ -33,6 +33,7 @@ from .baselines import ADPPurifier
 from .pgd import NORMS
 from .runner import _dist, _get, _len, evaluate, markdown_table
 from .sanity import run_sanity, sanity_markdown
+from .suite import autoattack_check, autoattack_markdown, default_suite, run_suite, suite_markdown
 from .threats import THREATS, AttackSpec, Defence, grid
 
 DEFENCES = ("none", "pursamere", "adp")
@@ -355,12 +356,57 @@ def main_evaluate(argv: Sequence[str] | None = None) -> int:
                    help="comma list of budgets > 0 (fractions like 8/255 allowed)")
     p.add_argument("--steps", type=listed(integer(1)), default="10", help="comma list of PGD step counts")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--suite", action="store_true",
+                   help="run the attacks as one adaptive suite: the per-sample worst case over all of them (the "
+                        "[[attack]] array of --config, else the default suite at --norm and the one --eps), cheapest "
+                        "first, with a transfer of adversarials between --defences")
+    p.add_argument("--no-cascade", action="store_true",
+                   help="with --suite, attack every image with every member (slower; gives the images only one "
+                        "member broke)")
+    p.add_argument("--no-transfer", action="store_true", help="with --suite, skip the transfer between defences")
+    p.add_argument("--bpda-steps", type=integer(1), default=100, help="default suite: steps of the BPDA members")
+    p.add_argument("--exact-steps", type=integer(1), default=20, help="default suite: steps of the exact members")
+    p.add_argument("--square-queries", type=integer(0), default=1000,
+                   help="default suite: Square's query budget (0: no Square member)")
+    p.add_argument("--autoattack", action="store_true",
+                   help="with --suite, then run AutoAttack's APGD-CE + APGD-DLR (pyautoattack, BPDA, 100 steps) on "
+                        "the same images and count what it broke that the suite did not")
     args, cfg = _parse(p, argv)
     if args.device is not None and str(args.device).startswith("cuda") and "LOCAL_RANK" in os.environ:
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     _init_distributed(args.device)
     common = _build_common(p, args, cfg)
     defences = _defences(p, dict.fromkeys(args.defences), args, cfg)
+    if args.suite:
+        if cfg.get("attack"):
+            with option_errors(p, "--config"):
+                members = attack_specs(cfg["attack"])
+        else:
+            if len(args.eps) != 1:
+                p.error(f"argument --eps: --suite takes one budget, got {len(args.eps)}")
+            with option_errors(p, "--norm"):
+                members = default_suite(args.norm, args.eps[0], bpda_steps=args.bpda_steps,
+                                        exact_steps=args.exact_steps, square_queries=args.square_queries,
+                                        alpha=args.alpha, seed=args.seed)
+        summary = run_suite(common["classifier"], common["data"], defences, members, out_dir=args.out,
+                            indices=common["indices"], batch_size=args.batch_size, mean=common["mean"],
+                            std=common["std"], device=common["device"], cascade=not args.no_cascade,
+                            transfer=not args.no_transfer, progress=not args.no_progress)
+        if _dist()[0] == 0:
+            sys.stdout.write(suite_markdown(summary))
+            if args.autoattack:
+                norm = members[0].norm
+                eps = members[0].eps
+                checks_ = [autoattack_check(common["classifier"], common["data"], d, suite_dir=args.out, norm=norm,
+                                            eps=eps, batch_size=args.batch_size, mean=common["mean"],
+                                            std=common["std"], device=common["device"], progress=not args.no_progress)
+                           for d in defences]
+                with open(os.path.join(args.out, "autoattack.json"), "w") as f:
+                    json.dump(checks_, f, indent=1)
+                sys.stdout.write(autoattack_markdown(checks_))
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        return 0
     if cfg.get("attack"):
         with option_errors(p, "--config"):
             attacks = attack_specs(cfg["attack"])

@@ -63,9 +63,12 @@ def run_sanity(classifier: nn.Module, data, defence: Defence, *, out_dir: str, i
     eps_list = sorted(float(e) for e in eps_list)
     steps_list = sorted(int(s) for s in steps_list)
     sweep_steps = max(steps_list) if sweep_steps is None else sweep_steps
-    eps_attacks = [AttackSpec(threat, norm, e, sweep_steps, seed=seed) for e in eps_list]
-    step_attacks = [AttackSpec(threat, norm, eps_steps, s, seed=seed) for s in steps_list]
-    base = AttackSpec(threat, norm, eps_steps, max(steps_list), seed=seed)
+    # A fixed step (eps / 4) in both sweeps: a rule like 2.5 * eps / steps would shrink the step
+    # as the count grows and turn "more steps" into a different attack.
+    eps_attacks = [AttackSpec(threat, norm, e, sweep_steps, alpha=e / 4 if e > 0 else None, seed=seed)
+                   for e in eps_list]
+    step_attacks = [AttackSpec(threat, norm, eps_steps, s, alpha=eps_steps / 4, seed=seed) for s in steps_list]
+    base = AttackSpec(threat, norm, eps_steps, max(steps_list), alpha=eps_steps / 4, seed=seed)
     attacks = list(dict.fromkeys(eps_attacks + step_attacks))
     settings = [(defence, a) for a in attacks]
     if rho_zero is not None:

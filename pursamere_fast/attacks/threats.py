@@ -8,7 +8,14 @@ Threats, each a PGD whose gradient passes the purifier differently:
 - "bpda_eot": the purifier is stochastic (fresh noise per call); BPDA gradients averaged
               over `eot` draws; the final prediction is one more fresh draw.
 - "exact":    PGD through the unrolled purification (grad_mode="full").
-Clean predictions always use the deterministic defence (its own seed).
+- "exact_st", "exact_st_proj": the exact gradient with Adam's normaliser held constant in
+              the backward (and, for "_proj", the clamp and the projection passed straight
+              through): grad modes "full_st" and "full_st_proj" (see pursamere_fast.exact).
+- "blackbox": no gradient at all: a query attack (Square) on the deterministic defence.
+Each threat is an estimator of the defended model's gradient; the attack algorithm on top
+(`AttackSpec.attack`: PGD, APGD or Square) is a separate choice. Clean predictions and
+the verdict on an adversarial image always use the deterministic defence (its own seed),
+except under "bpda_eot", which judges on a fresh draw.
 """
 
 from __future__ import annotations
@@ -24,10 +31,16 @@ from torch.nn import functional as F
 from .. import checks
 
 from .baselines import ADPPurifier
+from .apgd import apgd
 from .pgd import NORMS, pgd
+from .square import square
 from .wrappers import FreshNoisePurifier, IdentityPurifier, PurifiedClassifier
 
-THREATS = ("clean", "gpgd", "bpda", "bpda_eot", "exact")
+THREATS = ("clean", "gpgd", "bpda", "bpda_eot", "exact", "exact_st", "exact_st_proj", "blackbox")
+ATTACKS = ("pgd", "apgd", "square")
+LOSSES = ("ce", "cw", "dlr")
+# The purifier's grad mode behind each gradient-based threat.
+GRAD_MODE = {"bpda": "bpda", "exact": "full", "exact_st": "full_st", "exact_st_proj": "full_st_proj"}
 
 
 @dataclass(frozen=True)
@@ -35,16 +48,20 @@ class AttackSpec:
     """One attack setting.
 
     Args:
-        threat: one of THREATS.
-        norm: "linf", "l2" or "l1".
+        threat: one of THREATS (how the gradient passes the purifier).
+        norm: "linf", "l2" or "l1" (APGD: "linf" or "l2"; Square: "linf" or "l2").
         eps: budget, >= 0 ("clean" stores 0).
-        steps: PGD iterations, >= 0 ("clean" stores 0).
-        alpha: step size; None means 2.5 * eps / steps (Madry et al. 2018), or eps when steps = 0.
-        restarts: random restarts, >= 1.
-        eot: EoT draws per gradient, >= 1 (only "bpda_eot" uses more than 1).
+        steps: iterations, >= 0 ("clean" stores 0); for Square the query budget.
+        alpha: PGD step size; None means 2.5 * eps / steps (Madry et al. 2018), or eps when
+            steps = 0. A convergence study fixes it: the rule shrinks the step as steps grow.
+            APGD and Square choose their own steps and refuse it.
+        restarts: runs per sample, >= 1; more than one needs random_start.
+        eot: EoT draws per gradient, >= 1 (only PGD and APGD under "bpda_eot" use more than 1).
         random_start: start each restart at a random point of the ball.
         seed: base seed of the random starts and of the fresh noise of "bpda_eot".
         name: label in the results; None derives one from the fields.
+        attack: "pgd", "apgd" (Croce & Hein 2020) or "square" (needs threat "blackbox").
+        loss: "ce" (cross-entropy), "cw" (logit margin) or "dlr" (Croce & Hein's scaled margin).
 
     Raises:
         ValueError: on a bad field (named in the message).
@@ -60,28 +77,53 @@ class AttackSpec:
     random_start: bool = True
     seed: int = 0
     name: str | None = None
+    attack: str = "pgd"
+    loss: str = "ce"
 
     def __post_init__(self):
         checks.choice("threat", self.threat, THREATS)
         checks.choice("norm", self.norm, NORMS)
+        checks.choice("attack", self.attack, ATTACKS)
+        checks.choice("loss", self.loss, LOSSES)
+        if (self.attack == "square") != (self.threat == "blackbox") and self.threat != "clean":
+            raise ValueError(f"attack 'square' and threat 'blackbox' go together (a query attack needs no gradient), "
+                             f"got attack={self.attack!r}, threat={self.threat!r}")
+        if self.attack != "pgd":
+            if self.norm == "l1":
+                raise ValueError(f"norm 'l1' needs attack 'pgd' (sparse l1 descent), got attack={self.attack!r}")
+            if self.alpha is not None:
+                raise ValueError(f"alpha must be None for attack {self.attack!r}, which sets its own step, "
+                                 f"got {self.alpha!r}")
+        if self.attack == "square" and self.loss == "dlr":
+            raise ValueError("loss must be 'ce' or 'cw' for attack 'square', got 'dlr'")
         checks.real("eps", self.eps, 0.0)
         for name, lo in (("steps", 0), ("restarts", 1), ("eot", 1)):
             checks.integer(name, getattr(self, name), lo)
         checks.seed("seed", self.seed)
         if self.alpha is not None:
             checks.real("alpha", self.alpha, positive=True)
-        if self.eot > 1 and self.threat != "bpda_eot":
-            raise ValueError(f"eot > 1 needs threat='bpda_eot', got threat={self.threat!r}, eot={self.eot}")
+        if self.eot > 1 and (self.threat != "bpda_eot" or self.attack == "square"):
+            raise ValueError(f"eot > 1 needs a gradient attack with threat 'bpda_eot', got attack={self.attack!r}, "
+                             f"threat={self.threat!r}, eot={self.eot}")
+        if self.restarts > 1 and not self.random_start:
+            raise ValueError(f"restarts > 1 needs random_start (each restart would repeat the same path), "
+                             f"got restarts={self.restarts}")
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
             raise ValueError(f"name must be a non-empty string or None, got {self.name!r}")
         if self.threat == "clean":
             # No attack, no budget: rows and tables should not show one.
             object.__setattr__(self, "eps", 0.0)
             object.__setattr__(self, "steps", 0)
+            object.__setattr__(self, "attack", "pgd")
+            object.__setattr__(self, "loss", "ce")
 
     @property
     def step_size(self) -> float:
-        """The PGD step size actually used."""
+        """The step size actually used (APGD: its initial step 2 * eps; Square: eps, its patch value)."""
+        if self.attack == "apgd":
+            return 2.0 * self.eps
+        if self.attack == "square":
+            return float(self.eps)
         if self.alpha is not None:
             return float(self.alpha)
         if self.eps == 0:
@@ -95,7 +137,11 @@ class AttackSpec:
             return self.name
         if self.threat == "clean":
             return "clean"
-        s = f"{self.threat}-{self.norm}-eps{self.eps:.6g}-s{self.steps}"
+        # PGD on cross-entropy keeps the short labels of the results written before APGD existed.
+        kind = self.threat if (self.attack, self.loss) == ("pgd", "ce") else f"{self.attack}-{self.loss}-{self.threat}"
+        s = f"{kind}-{self.norm}-eps{self.eps:.6g}-{'q' if self.attack == 'square' else 's'}{self.steps}"
+        if self.alpha is not None:
+            s += f"-a{self.alpha:.4g}"
         if self.restarts > 1:
             s += f"-r{self.restarts}"
         if self.eot > 1:
@@ -199,7 +245,7 @@ def clean_predictions(defence: Defence, classifier: nn.Module, x: torch.Tensor, 
 
 
 def run_attack(defence: Defence, attack: AttackSpec, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               *, mean=None, std=None, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               *, mean=None, std=None, seed=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attack one batch under `attack.threat` and predict on the result.
 
     Args:
@@ -209,29 +255,45 @@ def run_attack(defence: Defence, attack: AttackSpec, classifier: nn.Module, x: t
         x: clean images (B, C, H, W) in [0, 1].
         y: labels (B,).
         mean, std: normalisation applied before the classifier.
-        seed: seed of this batch (None: attack.seed).
+        seed: seed of this batch (None: attack.seed), or one seed per sample (a sequence of
+            B ints) so that a sample's random start does not depend on its batch.
 
     Returns:
         (x_adv, adv_pred): adversarial images and the defended predictions on them.
     """
     seed = attack.seed if seed is None else seed
-    kw = dict(norm=attack.norm, eps=attack.eps, alpha=attack.step_size, steps=attack.steps,
-              random_start=attack.random_start, seed=seed, restarts=attack.restarts)
     t = attack.threat
     if t == "clean":
         return x, clean_predictions(defence, classifier, x, mean=mean, std=std)
     if t == "bpda_eot":
-        attacked = FreshNoisePurifier(lambda s: defence.build("bpda", s), seed)
-        x_adv = pgd(PurifiedClassifier(attacked, classifier, mean, std), x, y, eot=attack.eot, **kw)
+        base = seed if isinstance(seed, int) else int(seed[0])
+        attacked = FreshNoisePurifier(lambda s: defence.build("bpda", s), base)
+        x_adv = _attack(PurifiedClassifier(attacked, classifier, mean, std), x, y, attack, seed)
         # A separate seed stream, so the evaluating draw is not one the attacker saw.
-        judge = FreshNoisePurifier(lambda s: defence.build("none", s), seed + 1)
+        judge = FreshNoisePurifier(lambda s: defence.build("none", s), base + 1)
         return x_adv, predict(PurifiedClassifier(judge, classifier, mean, std), x_adv)
     if t == "gpgd":
         target = PurifiedClassifier(IdentityPurifier(), classifier, mean, std)
+    elif t == "blackbox":
+        target = _eval_model(defence, classifier, mean, std)
     else:
-        target = PurifiedClassifier(defence.build("bpda" if t == "bpda" else "full", None), classifier, mean, std)
-    x_adv = pgd(target, x, y, **kw)
+        target = PurifiedClassifier(defence.build(GRAD_MODE[t], None), classifier, mean, std)
+    x_adv = _attack(target, x, y, attack, seed)
     return x_adv, clean_predictions(defence, classifier, x_adv, mean=mean, std=std)
+
+
+def _attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackSpec, seed) -> torch.Tensor:
+    if attack.attack == "square":
+        # pyautoattack draws a whole batch's squares from one stream: Square takes one seed per
+        # call (the first sample's), so it alone depends on which images share its batch.
+        return square(model, x, y, norm=attack.norm, eps=attack.eps, queries=attack.steps,
+                      seed=seed if isinstance(seed, int) else int(seed[0]), loss=attack.loss)
+    if attack.attack == "apgd":
+        return apgd(model, x, y, norm=attack.norm, eps=attack.eps, steps=attack.steps, loss=attack.loss,
+                    restarts=attack.restarts, seed=seed, eot=attack.eot)
+    return pgd(model, x, y, norm=attack.norm, eps=attack.eps, alpha=attack.step_size, steps=attack.steps,
+               random_start=attack.random_start, seed=seed, restarts=attack.restarts, eot=attack.eot,
+               loss=attack.loss)
 
 
 def input_gradients(defence: Defence, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, grad_mode: str,
@@ -239,12 +301,12 @@ def input_gradients(defence: Defence, classifier: nn.Module, x: torch.Tensor, y:
     """Per-sample gradient of the cross-entropy of classifier(purify(x)) w.r.t. x.
 
     Args:
-        grad_mode: "bpda" or "full".
+        grad_mode: "bpda", "full", "full_st" or "full_st_proj".
 
     Returns:
         Tensor of x's shape.
     """
-    checks.choice("grad_mode", grad_mode, ("bpda", "full"))
+    checks.choice("grad_mode", grad_mode, tuple(GRAD_MODE.values()))
     model = PurifiedClassifier(defence.build(grad_mode, None), classifier, mean, std)
     xg = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
