@@ -1,0 +1,37 @@
+"""Training of score models and classifiers: resumable, deterministic, no pickle.
+
+- `score.py`: `train_score` (NCSN denoising score matching, EMA), `evaluate_denoiser`,
+  the ``pursamere-fast train-score`` command (`main_train_score`).
+- `classifier.py`: `train_classifier` with Adam, SGD, SAM, ImbSAM or SSE-SAM
+  (`OptimizerConfig`), `evaluate_classifier`, `per_class_accuracy`, the
+  ``pursamere-fast train-classifier`` command (`main_train_classifier`).
+- `longtail.py`: long-tailed subsets (`long_tailed_subset`) and the head/tail split.
+- `checkpoint.py`: the run directory every trainer keeps (checkpoint, loss log, plot).
+"""
+
+from .checkpoint import (
+    CHECKPOINT,
+    LOSS_LOG,
+    LOSS_PNG,
+    ResumeError,
+    TrainResult,
+    plot_losses,
+)
+from .classifier import (
+    OPTIMIZERS,
+    SCHEDULES,
+    OptimizerConfig,
+    evaluate_classifier,
+    main_train_classifier,
+    per_class_accuracy,
+    train_classifier,
+)
+from .longtail import long_tailed_counts, long_tailed_subset, tail_classes
+from .score import evaluate_denoiser, main_train_score, score_matching_loss, train_score
+
+__all__ = [
+    "CHECKPOINT", "LOSS_LOG", "LOSS_PNG", "OPTIMIZERS", "SCHEDULES", "OptimizerConfig", "ResumeError", "TrainResult",
+    "evaluate_classifier", "evaluate_denoiser", "long_tailed_counts", "long_tailed_subset", "main_train_classifier",
+    "main_train_score", "per_class_accuracy", "plot_losses", "score_matching_loss", "tail_classes",
+    "train_classifier", "train_score",
+]

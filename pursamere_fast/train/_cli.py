@@ -1,0 +1,40 @@
+"""Command-line pieces shared by `train-score` and `train-classifier`."""
+
+from __future__ import annotations
+
+import argparse
+
+from pursamere_fast.cli import integer, option_errors, random_seed, real
+
+
+def _load_dataset(name: str, root: str | None, split: str):
+    from pursamere_fast.data import load_cifar10, load_fashion_mnist
+
+    if name == "fashion-mnist":
+        return load_fashion_mnist(split, root)
+    if root is None:
+        raise ValueError("required for --dataset cifar10")
+    return load_cifar10(root, split)
+
+
+def load_datasets(p: argparse.ArgumentParser, args):
+    with option_errors(p, "--data-root"):
+        return (_load_dataset(args.dataset, args.data_root, "train"),
+                _load_dataset(args.dataset, args.data_root, "test"))
+
+
+def common_args(p: argparse.ArgumentParser, lr_help: str = "Adam learning rate (constant)") -> None:
+    """The options both trainers take; `lr_help` describes --lr (whose default a trainer may override)."""
+    p.add_argument("--out", required=True, help="run directory (checkpoint, loss.csv, loss.png, metrics.json)")
+    p.add_argument("--dataset", choices=["fashion-mnist", "cifar10"], default="fashion-mnist", help="training data")
+    p.add_argument("--data-root", default=None,
+                   help="dataset directory (Fashion-MNIST default: $PURSAMERE_FASHION_MNIST, "
+                        "then /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--width", type=integer(1), default=32, help="hidden channels of the network")
+    p.add_argument("--batch-size", type=integer(1), default=64, help="images per step")
+    p.add_argument("--lr", type=real(positive=True), default=1e-3, help=lr_help)
+    p.add_argument("--seed", type=random_seed, default=0, help="fixes initialization, data order and noise")
+    p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    p.add_argument("--export", default=None, help="also write the final weights (safetensors) here")
+    p.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")

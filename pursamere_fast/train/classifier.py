@@ -1,0 +1,457 @@
+"""Classifier training: cross-entropy with Adam, SGD or a SAM-family optimiser (SPEC 9).
+
+`train_classifier` keeps one checkpoint (`checkpoint.py`): model weights ("model.*") and the
+optimiser's state tensors ("optim.*": Adam moments, SGD momentum buffers; a SAM wrapper's
+state is its base's). A run started again with ``resume=True`` ends with the same weights as
+one never interrupted: each epoch's data order comes from a generator seeded by
+(seed, epoch), and the learning rate and SSE-SAM's head radius are functions of the step,
+so nothing else needs saving. A resume with other hyperparameters or optimiser settings is
+refused; `epochs` may grow, except where the schedule depends on it (cosine learning rate,
+SSE-SAM's phase switch at gamma * epochs).
+
+The defaults (Adam, constant learning rate, no weight decay) are the trainer that made the
+shipped Fashion-MNIST classifier, step for step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pursamere_fast import checks
+from pursamere_fast.cli import (
+    ArgumentParser,
+    existing_file,
+    integer,
+    option_errors,
+    random_seed,
+    real,
+)
+from pursamere_fast.optim import SAM, SSESAM, ImbSAM, stage_rho_head
+
+from ._cli import common_args, load_datasets
+from .checkpoint import (
+    ResumeError,
+    TrainResult,
+    _device_of,
+    _generator,
+    _images,
+    _load_model,
+    _load_optim,
+    _optim_tensors,
+    _Run,
+)
+from .longtail import long_tailed_subset, tail_classes
+
+OPTIMIZERS = ("adam", "sgd", "sam", "imbsam", "ssesam")
+SCHEDULES = ("constant", "cosine")
+# The fields each optimiser reads besides name, weight_decay and schedule (which all read).
+# Only these go into a checkpoint's settings, so an unused value cannot block a resume.
+_FIELDS_USED = {
+    "adam": (),
+    "sgd": ("momentum",),
+    "sam": ("momentum", "rho"),
+    "imbsam": ("momentum", "rho", "tail_threshold"),
+    "ssesam": ("momentum", "rho_head", "rho_tail", "gamma", "tail_threshold"),
+}
+# Default learning rates: Adam's made the shipped classifier; SGD's is the benchmark's
+# (docs/optim.md), stable for SmallCNN at batch 128 with momentum 0.9.
+DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05, "sam": 0.05, "imbsam": 0.05, "ssesam": 0.05}
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """How `train_classifier` updates the weights.
+
+    Attributes:
+        name: "adam" (torch Adam), "sgd" (torch SGD), or "sam", "imbsam", "ssesam"
+            (`pursamere_fast.optim` wrappers around that SGD).
+        weight_decay: L2 weight decay of the base optimiser.
+        schedule: "constant" learning rate, or "cosine": lr * (1 + cos(pi * step / steps)) / 2.
+        momentum: SGD momentum in [0, 1) (all but adam).
+        rho: the ascent radius of sam and imbsam (imbsam: the tail radius).
+        rho_head, rho_tail: ssesam's radii; rho_head drops to 0 from epoch gamma * epochs on.
+        gamma: ssesam's fraction of the epochs in phase 1, in [0, 1].
+        tail_threshold: imbsam and ssesam: the tail classes have fewer than this many
+            training samples (1000: the Medium and Few classes of Fashion-MNIST-LT at R = 100).
+
+    Raises:
+        ValueError: a field out of range, naming it.
+    """
+
+    name: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    momentum: float = 0.9
+    rho: float = 0.05
+    rho_head: float = 0.05
+    rho_tail: float = 0.10
+    gamma: float = 0.7
+    tail_threshold: int = 1000
+
+    def __post_init__(self):
+        checks.choice("name", self.name, OPTIMIZERS)
+        checks.choice("schedule", self.schedule, SCHEDULES)
+        checked = {"weight_decay": checks.real("weight_decay", self.weight_decay, 0),
+                   "momentum": checks.real("momentum", self.momentum, 0, 1),
+                   "rho": checks.real("rho", self.rho, 0),
+                   "rho_head": checks.real("rho_head", self.rho_head, 0),
+                   "rho_tail": checks.real("rho_tail", self.rho_tail, 0),
+                   "gamma": checks.real("gamma", self.gamma, 0, 1),
+                   "tail_threshold": checks.integer("tail_threshold", self.tail_threshold, 1)}
+        # momentum = 1 never forgets a gradient: the weights would run away.
+        if checked["momentum"] == 1:
+            raise ValueError(f"momentum must be a finite number >= 0 and < 1, got {self.momentum!r}")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def splits_head_tail(self) -> bool:
+        """Whether the closure returns (loss_head, loss_tail)."""
+        return self.name in ("imbsam", "ssesam")
+
+    @property
+    def needs_epochs(self) -> bool:
+        """Whether the step-by-step trajectory depends on the total number of epochs."""
+        return self.schedule == "cosine" or self.name == "ssesam"
+
+    def used(self) -> dict:
+        """The settings this optimiser reads: what a checkpoint must agree on."""
+        return {k: v for k, v in asdict(self).items()
+                if k in ("name", "weight_decay", "schedule") or k in _FIELDS_USED[self.name]}
+
+    def build(self, params, lr: float) -> torch.optim.Optimizer:
+        """The optimiser over `params` at learning rate `lr`."""
+        if self.name == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay)
+        base = torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if self.name == "sgd":
+            return base
+        if self.name == "sam":
+            return SAM(base, rho=self.rho)
+        if self.name == "imbsam":
+            return ImbSAM(base, rho=self.rho)
+        return SSESAM(base, rho_head=self.rho_head, rho_tail=self.rho_tail)
+
+
+def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_size: int, lr: float,
+                     out_dir: str | os.PathLike, seed: int, purify_score: Callable | None = None,
+                     purify_config=None, optimizer: OptimizerConfig | None = None, resume: bool = True,
+                     checkpoint_every: int = 200, progress: bool = True) -> TrainResult:
+    """Train a classifier with cross-entropy, optionally with purified augmentation.
+
+    Each epoch visits the images in an order drawn from (seed, epoch). With `purify_score`, each
+    batch is also purified (PurSAMERE with SAM off, as the paper's classifier training) and the
+    loss is CE(clean) + CE(purified); the purification's own noise is fixed by the config's seed.
+    With imbsam or ssesam the per-sample losses are split by class into L_H and L_T (each a sum
+    over its samples divided by the batch size, SPEC 9); the tail classes are those with fewer
+    than `optimizer.tail_threshold` samples in `labels`. The logged loss is the batch's mean
+    cross-entropy at the unperturbed weights for every optimiser.
+
+    Args:
+        model: classifier from [0, 1] images to logits, trained in place; on its device.
+        images: float (N, C, H, W) in [0, 1]; labels: integer (N,).
+        epochs, batch_size: as usual (the last batch of an epoch may be smaller).
+        lr: the (peak) learning rate.
+        out_dir: checkpoint, loss.csv and loss.png go here.
+        seed: fixes the data order.
+        purify_score: score(y, sigma) for purified augmentation, or None.
+        purify_config: PurifyConfig for it (None: the default config).
+        optimizer: the update rule (None: OptimizerConfig(), Adam at a constant `lr`).
+        resume: continue from `out_dir`'s checkpoint if there is one.
+        checkpoint_every: steps between checkpoints (also at each epoch's end).
+        progress: show a tqdm bar.
+
+    Returns:
+        TrainResult with the trained model.
+
+    Raises:
+        ValueError: bad arguments.
+        ResumeError: (a ValueError) the checkpoint in `out_dir` was made with other
+            hyperparameters or optimiser settings, for another model, or is past `epochs`.
+    """
+    images = _images(images)
+    labels = checks.labels("labels", torch.as_tensor(labels), images.shape[0]).long()
+    epochs = checks.integer("epochs", epochs, 1)
+    batch_size = checks.integer("batch_size", batch_size, 1)
+    lr = checks.real("lr", lr, positive=True)
+    checkpoint_every = checks.integer("checkpoint_every", checkpoint_every, 1)
+    seed = checks.seed("seed", seed)
+    optimizer = OptimizerConfig() if optimizer is None else optimizer
+    if not isinstance(optimizer, OptimizerConfig):
+        # A ValueError naming the argument, as every bad input here (STYLE.md).
+        raise ValueError(f"optimizer must be an OptimizerConfig or None, got {type(optimizer).__name__}")  # noqa: TRY004
+    device = _device_of(model)
+    config_desc = None
+    if purify_score is not None:
+        from pursamere_fast import PurifyConfig, purify
+
+        purify_config = PurifyConfig() if purify_config is None else purify_config
+        config_desc = repr(purify_config)
+    hparams = {"batch_size": batch_size, "lr": lr, "seed": seed, "images": list(images.shape),
+               "images_sum": round(float(images.double().sum()), 3), "labels_sum": int(labels.sum()),
+               "purify_config": config_desc, "optimizer": optimizer.used()}
+    if optimizer.needs_epochs:
+        hparams["epochs"] = epochs
+    run = _Run(out_dir, "classifier", hparams, resume)
+    opt = optimizer.build(model.parameters(), lr)
+    n = images.shape[0]
+    per_epoch = math.ceil(n / batch_size)
+    total = epochs * per_epoch
+    is_tail = torch.zeros(int(labels.max()) + 1, dtype=torch.bool)
+    if optimizer.splits_head_tail:
+        is_tail[tail_classes(labels, optimizer.tail_threshold)] = True
+    is_tail = is_tail.to(device)
+    start = 0
+    loaded = run.load()
+    if loaded is not None:
+        start, tensors = loaded
+        if start > total:
+            raise ResumeError(f"checkpoint in {run.dir} is at step {start}, past epochs={epochs} ({total} steps)")
+        _load_model(model, tensors, "model.", run.ckpt)
+        _load_optim(opt, tensors)
+
+    def state() -> dict[str, torch.Tensor]:
+        out = {f"model.{k}": v for k, v in model.state_dict().items()}
+        out.update(_optim_tensors(opt))
+        return out
+
+    model.train()
+    perm_epoch, perm = -1, None
+    bar = tqdm(total=total, initial=start, disable=not progress, desc="train-classifier", dynamic_ncols=True)
+    for step in range(start, total):
+        epoch, b = divmod(step, per_epoch)
+        if epoch != perm_epoch:
+            perm_epoch, perm = epoch, torch.randperm(n, generator=_generator(seed, epoch))
+        idx = perm[b * batch_size:(b + 1) * batch_size]
+        x, y = images[idx].to(device), labels[idx].to(device)
+        x_pur = None
+        if purify_score is not None:
+            with torch.no_grad():
+                x_pur = purify(x, purify_score, purify_config, sam_radius=0.0)
+
+        def batch_loss(reduction: str = "mean", x=x, y=y, x_pur=x_pur) -> torch.Tensor:
+            loss = F.cross_entropy(model(x), y, reduction=reduction)
+            if x_pur is not None:
+                loss = loss + F.cross_entropy(model(x_pur), y, reduction=reduction)
+            return loss
+
+        if optimizer.schedule == "cosine":
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+        if optimizer.name in ("adam", "sgd"):
+            loss = batch_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        elif optimizer.name == "sam":
+            loss = opt.step(batch_loss)
+        else:
+            if optimizer.name == "ssesam":
+                opt.rho_head = stage_rho_head(epoch, epochs, optimizer.rho_head, optimizer.gamma)
+            tail = is_tail[y]
+
+            def head_tail(y=y, tail=tail) -> tuple[torch.Tensor, torch.Tensor]:
+                per_sample = batch_loss("none")
+                return per_sample[~tail].sum() / len(y), per_sample[tail].sum() / len(y)
+
+            loss_head, loss_tail = opt.step(head_tail)
+            loss = loss_head.detach() + loss_tail.detach()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"classifier loss is {value} at step {step}; lower lr")
+        run.record(step, value)
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{value:.3f}", refresh=False)
+        if (step + 1) % checkpoint_every == 0 or (step + 1) % per_epoch == 0:
+            run.save(step + 1, state(), final=step + 1 == total)
+    bar.close()
+    return TrainResult(model.eval(), total, run.losses, run.dir)
+
+
+@torch.no_grad()
+def _predictions(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    device = _device_of(model)
+    model.eval()
+    return torch.cat([model(images[i:i + batch_size].to(device)).argmax(1).cpu()
+                      for i in range(0, images.shape[0], batch_size)])
+
+
+def evaluate_classifier(model: nn.Module, images, labels, batch_size: int = 500) -> float:
+    """Top-1 accuracy of `model` on (images, labels).
+
+    Raises:
+        ValueError: images not float (N, C, H, W) in [0, 1], or labels not (N,).
+    """
+    images = _images(images)
+    labels = checks.labels("labels", torch.as_tensor(labels), images.shape[0])
+    batch_size = checks.integer("batch_size", batch_size, 1)
+    correct = int((_predictions(model, images, batch_size) == labels).sum())
+    return correct / images.shape[0]
+
+
+def per_class_accuracy(model: nn.Module, images, labels, num_classes: int | None = None,
+                       batch_size: int = 500) -> list[float]:
+    """Top-1 accuracy of `model` on the images of each class.
+
+    Args:
+        model: classifier from [0, 1] images to logits.
+        images: float (N, C, H, W) in [0, 1]; labels: integer (N,).
+        num_classes: classes to report (None: max(labels) + 1).
+        batch_size: images per forward.
+
+    Returns:
+        Accuracy of class 0, 1, ..., num_classes - 1 (NaN for a class with no image).
+
+    Raises:
+        ValueError: images not float (N, C, H, W) in [0, 1], labels not (N,) in [0, num_classes).
+    """
+    images = _images(images)
+    if num_classes is not None:
+        num_classes = checks.integer("num_classes", num_classes, 1)
+    labels = checks.labels("labels", torch.as_tensor(labels), images.shape[0], num_classes).long()
+    batch_size = checks.integer("batch_size", batch_size, 1)
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    hit = (_predictions(model, images, batch_size) == labels).double()
+    correct = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, hit)
+    count = torch.bincount(labels, minlength=num_classes).double()
+    return (correct / count).tolist()
+
+
+# Options that only some optimisers read, and the OptimizerConfig field each sets.
+_OPTIMIZER_OPTIONS = {"--momentum": "momentum", "--rho": "rho", "--rho-head": "rho_head",
+                      "--rho-tail": "rho_tail", "--gamma": "gamma", "--tail-threshold": "tail_threshold"}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    # An option whose default depends on another option says so in its help: "(default: None)"
+    # would be wrong.
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _optimizer_from_args(p: argparse.ArgumentParser, args) -> OptimizerConfig:
+    given = {field: getattr(args, field) for field in _OPTIMIZER_OPTIONS.values()
+             if getattr(args, field) is not None}
+    for option, field in _OPTIMIZER_OPTIONS.items():
+        if field in given and field not in _FIELDS_USED[args.optimizer]:
+            users = ", ".join(name for name, used in _FIELDS_USED.items() if field in used)
+            p.error(f"argument {option}: does not apply to --optimizer {args.optimizer} (only to {users})")
+    # real(0, 1) admits 1, which OptimizerConfig refuses: say so here, naming the option.
+    if given.get("momentum") == 1:
+        p.error(f"argument --momentum: value must be a finite number >= 0 and < 1, got {args.momentum!r}")
+    return OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule, **given)
+
+
+def main_train_classifier(argv: Sequence[str] | None = None) -> int:
+    """``pursamere-fast train-classifier``: train a SmallCNN, measure test accuracy, export it."""
+    from pursamere_fast.nets import SmallCNN, load_net, save_net
+
+    d = OptimizerConfig()
+    p = ArgumentParser(prog="pursamere-fast train-classifier", formatter_class=_HelpFormatter,
+                       description="Train a SmallCNN classifier (optionally with purified augmentation, a "
+                                   "SAM-family optimiser, a long-tailed training subset), measure its test "
+                                   "accuracy overall and per class, export it. The defaults reproduce the "
+                                   "shipped Fashion-MNIST classifier.")
+    common_args(p, lr_help=f"peak learning rate (default: {DEFAULT_LR['adam']:g} for adam, "
+                           f"{DEFAULT_LR['sgd']:g} for the others)")
+    p.set_defaults(batch_size=128, lr=None)
+    p.add_argument("--epochs", type=integer(1), default=4,
+                   help="passes over the training set (a resumed run goes up to it)")
+    p.add_argument("--checkpoint-every", type=integer(1), default=200, help="steps between checkpoints")
+    p.add_argument("--purify-score", type=existing_file, default=None,
+                   help="score model file (safetensors from train-score) for purified augmentation")
+    p.add_argument("--purify-config", default=None,
+                   help="JSON object of PurifyConfig fields for the augmentation (sam_radius is forced to 0; "
+                        "needs --purify-score)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.name,
+                   help="adam or sgd (torch), or sam, imbsam, ssesam around that sgd (SPEC 9)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="learning rate: constant, or cosine decay from --lr to 0 over the run")
+    p.add_argument("--weight-decay", type=real(0), default=d.weight_decay, help="L2 weight decay")
+    p.add_argument("--momentum", type=real(0, 1), default=None,
+                   help=f"SGD momentum, < 1 (sgd, sam, imbsam, ssesam; default: {d.momentum:g})")
+    p.add_argument("--rho", type=real(0), default=None,
+                   help=f"ascent radius (sam; imbsam: of the tail loss; default: {d.rho:g})")
+    p.add_argument("--rho-head", type=real(0), default=None,
+                   help=f"ssesam head radius in phase 1 (default: {d.rho_head:g})")
+    p.add_argument("--rho-tail", type=real(0), default=None, help=f"ssesam tail radius (default: {d.rho_tail:g})")
+    p.add_argument("--gamma", type=real(0, 1), default=None,
+                   help=f"ssesam: the head radius drops to 0 from epoch gamma * epochs on (default: {d.gamma:g})")
+    p.add_argument("--tail-threshold", type=integer(1), default=None,
+                   help=f"imbsam, ssesam: tail classes have fewer training images than this "
+                        f"(default: {d.tail_threshold})")
+    p.add_argument("--imbalance-ratio", type=real(1), default=None,
+                   help="train on a long-tailed subset: class c keeps floor(n_max * R^(-c/(C-1))) images "
+                        "(n_max: the smallest class's count, C: the classes); the test set stays whole "
+                        "(default: all images)")
+    p.add_argument("--subset-seed", type=random_seed, default=None,
+                   help="chooses the images of the long-tailed subset (needs --imbalance-ratio; default: 0)")
+    args = p.parse_args(argv)
+    optimizer = _optimizer_from_args(p, args)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
+    if args.subset_seed is not None and args.imbalance_ratio is None:
+        p.error("argument --subset-seed: needs --imbalance-ratio")
+    score = config = None
+    if args.purify_score:
+        from pursamere_fast import PurifyConfig
+
+        with option_errors(p, "--purify-score"):
+            score = load_net(args.purify_score)
+        with option_errors(p, "--purify-config"):
+            fields = json.loads(args.purify_config or "{}")
+            if not isinstance(fields, dict):  # option_errors turns a ValueError into the one-line error
+                raise ValueError(f"value must be a JSON object, got {args.purify_config!r}")  # noqa: TRY004
+            config = PurifyConfig().with_overrides(**fields)
+    elif args.purify_config:
+        p.error("argument --purify-config: needs --purify-score")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    (images, labels), (test_x, test_y) = load_datasets(p, args)
+    if args.imbalance_ratio is not None:
+        with option_errors(p, "--imbalance-ratio"):
+            keep = long_tailed_subset(labels, args.imbalance_ratio, args.subset_seed or 0)
+        images, labels = images[keep], labels[keep]
+    counts = torch.bincount(torch.as_tensor(labels), minlength=10).tolist()
+    tail = tail_classes(labels, optimizer.tail_threshold) if optimizer.splits_head_tail else None
+    if tail is not None and len(tail) in (0, len(counts)):
+        print(f"note: {'no' if not tail else 'every'} class has fewer than {optimizer.tail_threshold} training "
+              f"images (--tail-threshold), so {args.optimizer} has {'no tail' if not tail else 'no head'} group",
+              file=sys.stderr)
+    torch.manual_seed(args.seed)
+    model = SmallCNN(images.shape[1], 10, args.width, images.shape[-1])
+    t0 = time.time()
+    try:
+        result = train_classifier(model, images, labels, epochs=args.epochs, batch_size=args.batch_size,
+                                  lr=args.lr, out_dir=args.out, seed=args.seed, purify_score=score,
+                                  purify_config=config, optimizer=optimizer, resume=not args.no_resume,
+                                  checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+    except ResumeError as e:
+        p.error(f"argument --out: {e}")
+    seconds = time.time() - t0
+    acc = evaluate_classifier(result.model, test_x, test_y)
+    per_class = per_class_accuracy(result.model, test_x, test_y, num_classes=10)
+    metrics = {"kind": "classifier", "args": vars(args), "steps": result.step,
+               "seconds_this_invocation": round(seconds, 1), "test_accuracy": acc, "test_n": len(test_y),
+               "purified_augmentation": bool(args.purify_score), "optimizer": optimizer.used(),
+               "train_class_counts": counts, "tail_classes": tail, "test_accuracy_per_class": per_class,
+               "test_class_counts": torch.bincount(torch.as_tensor(test_y), minlength=10).tolist()}
+    Path(args.out, "metrics.json").write_text(json.dumps(metrics, indent=2))
+    save_net(result.model, Path(args.out) / "classifier.safetensors", {"training": json.dumps(metrics)})
+    if args.export:
+        save_net(result.model, args.export, {"training": json.dumps(metrics)})
+    print(f"test accuracy {acc:.4f} on {len(test_y)} images")
+    return 0
