@@ -173,6 +173,7 @@ COMMANDS = {
     "evaluate": ("pursamere_fast.attacks", "main_evaluate"),
     "sanity": ("pursamere_fast.attacks", "main_sanity"),
     "convergence": ("pursamere_fast.attacks.convergence", "main"),
+    "suite-summary": ("pursamere_fast.attacks.suite", "main"),
 }
 
 

@@ -198,3 +198,18 @@ def test_autoattack_check_compares_with_the_suite(setup, tmp_path):
                              progress=False)
     assert again == r
     assert "only AutoAttack broke" in autoattack_markdown([r])
+
+
+def test_summary_of_a_stopped_run_from_its_shards(setup, tmp_path, capsys):
+    clf, data, defences, members = setup
+    from pursamere_fast.attacks.suite import main, summarise_dir
+
+    out = tmp_path / "s"
+    full = run_suite(clf, data, defences, members[:2], out_dir=str(out), batch_size=8, progress=False)
+    # A run killed before rank 0 merged leaves only its shard: move the merged rows there.
+    (out / "rows.jsonl").rename(out / "rows.rank0.jsonl")
+    assert summarise_dir(str(out)) == full
+    assert main([str(out)]) == 0 and "worst-case robust acc" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "missing")])
+    assert e.value.code == 2 and "out_dir" in capsys.readouterr().err

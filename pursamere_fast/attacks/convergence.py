@@ -180,6 +180,9 @@ def plot_convergence(table: dict, path: str) -> str:
                     label=f"best of {r} restart{'s' if r > 1 else ''} (n={pts[0]['n']})")
     s = table.get("settings", {})
     ax.set_xscale("log")
+    ticks = sorted({g["steps"] for g in table["grid"]})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("PGD steps (fixed step size)")
     ax.set_ylabel("robust accuracy % (95% Wilson CI)")
     ax.set_title(f"{s.get('defence', '')} {s.get('threat', '')} {s.get('norm', '')} eps={s.get('eps', 0):.4g} "

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Sequence
 
@@ -457,3 +458,47 @@ def autoattack_markdown(results: Sequence[dict]) -> str:
     lines += [f"| {r['defence']} ({r['threat']}, APGD-CE + APGD-DLR x {r['steps']}) | {r['n']} | {r['suite_robust']} "
               f"| {r['autoattack_robust']} | {len(r['autoattack_only'])} | {len(r['suite_only'])} |" for r in results]
     return "\n".join(lines) + "\n"
+
+
+def summarise_dir(out_dir: str) -> dict:
+    """The summary of a suite run from its rows on disk, finished or not (every rank's shard).
+
+    Reads the member order, cascade and defences from manifest.json, writes summary.json and
+    summary.md, and returns the summary: a run stopped at its time budget still reports the
+    images it finished (each defence's n says how many).
+
+    Raises:
+        ValueError: when out_dir holds no suite manifest.
+    """
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        raise ValueError(f"out_dir {out_dir!r} has no {MANIFEST}")
+    with open(path) as f:
+        settings = json.load(f)["settings"]
+    runs = [v.get("run", {}) for v in settings.values()]
+    if not runs or "suite" not in runs[0]:
+        raise ValueError(f"out_dir {out_dir!r} is not a suite run (its manifest has no member order)")
+    run = runs[0]
+    defences = run["transfer"] or sorted({k.split(" | ")[0] for k in settings})
+    names = [CLEAN, *run["suite"]] + ([TRANSFER] if run["transfer"] else [])
+    rows = _all_rows(out_dir)
+    summary = summarise_suite(rows, defences, names, sorted({r["index"] for r in rows}), cascade=run["cascade"])
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(suite_markdown(summary))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`pursamere-fast suite-summary OUT_DIR`: summarise a suite run, finished or not."""
+    from ..cli import ArgumentParser, option_errors
+
+    p = ArgumentParser(prog="pursamere-fast suite-summary",
+                       description="Summarise a suite run (evaluate --suite) from its rows.")
+    p.add_argument("out_dir", help="the run's --out directory")
+    args = p.parse_args(argv)
+    with option_errors(p, "out_dir"):
+        summary = summarise_dir(args.out_dir)
+    sys.stdout.write(suite_markdown(summary))
+    return 0

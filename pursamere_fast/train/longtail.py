@@ -3,7 +3,7 @@
 The exponential profile of Cao et al. (LDAM, NeurIPS 2019), used by ImbSAM and SSE-SAM for
 CIFAR-LT: class c (in label order) keeps n_c = floor(n_max * R^(-c / (C - 1))) samples, so
 class 0 keeps n_max and class C - 1 keeps n_max / R. With Fashion-MNIST (n_max = 6000) and
-R = 100 the counts are 6000, 3596, 2156, 1292, 774, 464, 278, 166, 99, 60.
+R = 100 the counts are 6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60.
 """
 
 from __future__ import annotations
