@@ -72,6 +72,7 @@ run() {  # one named job of the queue
     sanity) NPROC=1 job sanity "${B_SANITY:-2400}" -m pursamere_fast.cli sanity --config configs/fmnist_sanity.toml ;;
     none) NPROC=1 job none "${B_NONE:-900}" -m pursamere_fast.cli evaluate --config configs/fmnist_none.toml ;;
     suite) evaluate suite "${B_SUITE:-3600}" configs/fmnist_suite.toml suite ;;
+    autoattack) NPROC=1 evaluate autoattack "${B_AUTOATTACK:-1800}" configs/fmnist_suite.toml suite --autoattack-only ;;
     conv_bpda) converge conv_bpda "${B_CONV_BPDA:-5400}" bpda 200 3 --defence pursamere ;;
     conv_exact) converge conv_exact "${B_CONV_EXACT:-2700}" exact 50 3 --defence pursamere ;;
     *) echo "unknown job: $1" >&2; return 2 ;;

@@ -160,6 +160,10 @@ def test_cli_suite(tmp_path, capsys):
     assert "worst-case robust acc" in text and "transfer" in text
     summary = json.loads((out / "summary.json").read_text())
     assert {e["defence"] for e in summary["defences"]} == {"none", "adp"}
+    assert main_evaluate(argv + ["--autoattack-only"]) == 0
+    assert "only AutoAttack broke" in capsys.readouterr().out
+    checked = json.loads((out / "autoattack.json").read_text())
+    assert [c["defence"] for c in checked] == ["none", "adp"] and all(c["n"] == 8 for c in checked)
     with pytest.raises(SystemExit) as e:
         main_evaluate(argv[:-2] + ["--eps", "0.1,0.2", "--out", str(tmp_path / "x")])
     assert e.value.code == 2

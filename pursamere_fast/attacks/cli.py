@@ -33,7 +33,7 @@ from .baselines import ADPPurifier
 from .pgd import NORMS
 from .runner import _dist, _get, _len, evaluate, markdown_table
 from .sanity import run_sanity, sanity_markdown
-from .suite import autoattack_check, autoattack_markdown, default_suite, run_suite, suite_markdown
+from .suite import autoattack_check, autoattack_markdown, default_suite, run_suite, suite_markdown, summarise_dir
 from .threats import THREATS, AttackSpec, Defence, grid
 
 DEFENCES = ("none", "pursamere", "adp")
@@ -371,6 +371,9 @@ def main_evaluate(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--autoattack", action="store_true",
                    help="with --suite, then run AutoAttack's APGD-CE + APGD-DLR (pyautoattack, BPDA, 100 steps) on "
                         "the same images and count what it broke that the suite did not")
+    p.add_argument("--autoattack-only", action="store_true",
+                   help="with --suite, run only the AutoAttack check, on the images --out's suite has finished (a "
+                        "run still going or stopped at its budget)")
     args, cfg = _parse(p, argv)
     if args.device is not None and str(args.device).startswith("cuda") and "LOCAL_RANK" in os.environ:
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -388,13 +391,17 @@ def main_evaluate(argv: Sequence[str] | None = None) -> int:
                 members = default_suite(args.norm, args.eps[0], bpda_steps=args.bpda_steps,
                                         exact_steps=args.exact_steps, square_queries=args.square_queries,
                                         alpha=args.alpha, seed=args.seed)
-        summary = run_suite(common["classifier"], common["data"], defences, members, out_dir=args.out,
-                            indices=common["indices"], batch_size=args.batch_size, mean=common["mean"],
-                            std=common["std"], device=common["device"], cascade=not args.no_cascade,
-                            transfer=not args.no_transfer, progress=not args.no_progress)
+        if args.autoattack_only:
+            with option_errors(p, "--out"):
+                summary = summarise_dir(args.out)
+        else:
+            summary = run_suite(common["classifier"], common["data"], defences, members, out_dir=args.out,
+                                indices=common["indices"], batch_size=args.batch_size, mean=common["mean"],
+                                std=common["std"], device=common["device"], cascade=not args.no_cascade,
+                                transfer=not args.no_transfer, progress=not args.no_progress)
         if _dist()[0] == 0:
             sys.stdout.write(suite_markdown(summary))
-            if args.autoattack:
+            if args.autoattack or args.autoattack_only:
                 norm = members[0].norm
                 eps = members[0].eps
                 checks_ = [autoattack_check(common["classifier"], common["data"], d, suite_dir=args.out, norm=norm,

@@ -405,7 +405,7 @@ def autoattack_check(classifier: nn.Module, data, defence: Defence, *, suite_dir
 
     checks.choice("norm", norm, ("linf", "l2"))
     checks.choice("threat", threat, tuple(GRAD_MODE))
-    rows = read_rows(os.path.join(suite_dir, ROWS))
+    rows = _all_rows(suite_dir)  # the merged rows, or the shards of a run still going or stopped
     by = {}
     for r in rows:
         if r["defence"] == defence.name:
