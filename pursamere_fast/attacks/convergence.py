@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import checks
 
-from .runner import _get, _len, read_rows
+from .runner import _device_of, _get, _indices, read_rows
 from .stats import wilson_interval
 from .threats import GRAD_MODE, Defence, clean_predictions
 from .pgd import NORMS, pgd
@@ -77,13 +77,8 @@ def run_convergence(classifier: nn.Module, data, defence: Defence, *, out_dir: s
     restarts = checks.integer("restarts", restarts, 1)
     batch_size = checks.integer("batch_size", batch_size, 1)
     seed = checks.seed("seed", seed)
-    size = _len(data)
-    indices = list(range(size)) if indices is None else [int(i) for i in indices]
-    if device is None:
-        p = next(iter(classifier.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    classifier.eval()
+    indices = _indices(data, indices)
+    device = _device_of(classifier, device)
     settings = {"defence": defence.name, "description": dict(defence.description), "threat": threat, "norm": norm,
                 "eps": eps, "alpha": alpha, "steps": steps, "loss": loss, "seed": seed, "device": device.type}
     settings = json.loads(json.dumps(settings, default=str, sort_keys=True))

@@ -131,6 +131,25 @@ def _len(data) -> int:
     return len(data)
 
 
+def _indices(data, indices) -> list[int]:
+    """The dataset indices to evaluate (None: all), checked distinct and in range."""
+    size = _len(data)
+    indices = list(range(size)) if indices is None else [int(i) for i in indices]
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad or len(set(indices)) != len(indices):
+        raise ValueError(f"indices must be distinct and in [0, {size}), got bad entries {bad[:5]}")
+    return indices
+
+
+def _device_of(classifier: nn.Module, device) -> torch.device:
+    """`device`, or the classifier's (CPU without parameters); puts the classifier in eval mode."""
+    if device is None:
+        p = next(iter(classifier.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    classifier.eval()
+    return torch.device(device)
+
+
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str, sort_keys=True))
 
@@ -293,16 +312,8 @@ def evaluate(classifier: nn.Module, data, settings: Sequence[tuple[Defence, Atta
     labels = [(d.name, a.label) for d, a in settings]
     if len(set(labels)) != len(labels):
         raise ValueError(f"settings must have unique (defence, attack) labels, got {labels}")
-    size = _len(data)
-    indices = list(range(size)) if indices is None else [int(i) for i in indices]
-    bad = [i for i in indices if not 0 <= i < size]
-    if bad or len(set(indices)) != len(indices):
-        raise ValueError(f"indices must be distinct and in [0, {size}), got bad entries {bad[:5]}")
-    if device is None:
-        p = next(iter(classifier.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    classifier.eval()
+    indices = _indices(data, indices)
+    device = _device_of(classifier, device)
 
     rank, world = _dist()
     os.makedirs(out_dir, exist_ok=True)

@@ -38,8 +38,8 @@ from torch import nn
 
 from .. import checks
 
-from .runner import (MANIFEST, ROWS, _all_rows, _barrier, _check_manifest, _dist, _get, _key, _len, _merge,
-                     _per_rank, _perturbation, read_rows)
+from .runner import (MANIFEST, ROWS, _all_rows, _barrier, _check_manifest, _device_of, _dist, _get, _indices, _key,
+                     _merge, _per_rank, _perturbation, read_rows)
 from .stats import mcnemar_exact, wilson_interval
 from .threats import AttackSpec, Defence, clean_predictions, predict, run_attack
 from .wrappers import PurifiedClassifier
@@ -149,15 +149,8 @@ def run_suite(classifier: nn.Module, data, defences: Sequence[Defence], members:
     if any(m.threat == "clean" for m in members):
         raise ValueError("members must not include a 'clean' attack: clean accuracy is always measured")
     transfer = transfer and len(defences) > 1
-    size = _len(data)
-    indices = list(range(size)) if indices is None else [int(i) for i in indices]
-    if any(not 0 <= i < size for i in indices) or len(set(indices)) != len(indices):
-        raise ValueError(f"indices must be distinct and in [0, {size})")
-    if device is None:
-        p = next(iter(classifier.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    classifier.eval()
+    indices = _indices(data, indices)
+    device = _device_of(classifier, device)
 
     rank, world = _dist()
     os.makedirs(out_dir, exist_ok=True)
@@ -416,11 +409,7 @@ def autoattack_check(classifier: nn.Module, data, defence: Defence, *, suite_dir
                     for i in judged}
     path = os.path.join(suite_dir, f"autoattack.{_safe(defence.name)}.jsonl")
     done = {r["index"]: r for r in read_rows(path, repair=True)}
-    if device is None:
-        p = next(iter(classifier.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    classifier.eval()
+    device = _device_of(classifier, device)
     target = PurifiedClassifier(defence.build(GRAD_MODE[threat], None), classifier, mean, std)
     todo = [i for i in judged if i not in done and by[i][CLEAN]["clean_correct"]]
     from tqdm.auto import tqdm
