@@ -227,7 +227,8 @@ def _run_members(d, members, classifier, x, y, batch, done, emit, out_dir, casca
         have = [done.get(_key(d.name, m.label, i)) for i in batch]
         missing = [j for j, r in enumerate(have) if r is None]
         if missing:
-            targets = [j for j in missing if j in set(alive)] if cascade else [j for j in missing if cp[j] == yl[j]]
+            standing = set(alive) if cascade else {j for j in range(len(batch)) if cp[j] == yl[j]}
+            targets = [j for j in missing if j in standing]
             new = {}
             if targets:
                 sel = torch.as_tensor(targets, device=x.device)
