@@ -1,4 +1,4 @@
-"""Small networks: a conv score model and a conv classifier.
+"""Small networks: a conv score model and a conv classifier (ReLU, softplus or GELU).
 
 `ConvScoreNet` follows NCSNv2's design choice of a noise-unconditional body divided by
 sigma, s(y, sigma) = body(y) / sigma, so one network serves every continuous sigma.
@@ -54,21 +54,39 @@ class ConvScoreNet(nn.Module):
         return self.body(2 * y - 1) / sigma.view(-1, 1, 1, 1)
 
 
-class SmallCNN(nn.Module):
-    """A small conv classifier from [0, 1] images to logits."""
+# SmallCNN's activations. A file saved before the option existed has no "activation" in its
+# arch_config, and load_net then builds the constructor's default, ReLU, which it was.
+ACTIVATIONS = {"relu": nn.ReLU, "softplus": nn.Softplus, "gelu": nn.GELU}
 
-    def __init__(self, channels: int = 1, num_classes: int = 10, width: int = 32, image_size: int = 28):
+
+class SmallCNN(nn.Module):
+    """A small conv classifier from [0, 1] images to logits.
+
+    Args:
+        channels, num_classes, width, image_size: the input, the output and the hidden size.
+        activation: "relu" (the default and the shipped classifier's), "softplus" (beta 1) or
+            "gelu". The choice changes no parameter name, so every variant loads the same way;
+            a smooth one suits training through input gradients (local flatness, SPEC 10),
+            since ReLU's second derivative is zero almost everywhere.
+
+    Raises:
+        ValueError: `activation` is not one of those.
+    """
+
+    def __init__(self, channels: int = 1, num_classes: int = 10, width: int = 32, image_size: int = 28,
+                 activation: str = "relu"):
         super().__init__()
+        act = ACTIVATIONS[checks.choice("activation", activation, tuple(ACTIVATIONS))]
         self.config = {"channels": channels, "num_classes": num_classes, "width": width,
-                       "image_size": image_size}
+                       "image_size": image_size, "activation": activation}
         self.features = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, width, 3, padding=1), act(),
+            nn.Conv2d(width, width, 3, padding=1), act(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), act(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), act(), nn.MaxPool2d(2),
         )
         side = image_size // 4
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * side * side, 128), nn.ReLU(),
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * side * side, 128), act(),
                                   nn.Linear(128, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from torch import nn
 from . import checks
 from .purify import purify, resolve_config
 
-# Every purifier (Purifier, attacks.baselines.ADPPurifier) accepts these names.
+# Every purifier (Purifier and those of pursamere_fast.purifiers) accepts these names.
 GRAD_MODES = ("none", "bpda", "full", "full_st", "full_st_proj")
 # The exact-gradient modes and the straight-through estimator each passes to purify_unrolled.
 _STRAIGHT_THROUGH = {"full": None, "full_st": "adam", "full_st_proj": "adam_proj"}

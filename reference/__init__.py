@@ -1,5 +1,6 @@
 """The executable spec: plain PyTorch versions of the loop and of each fused op."""
 
+from .hetero import hetero_reference
 from .purify import ere, ere_grad, purify_reference
 
-__all__ = ["ere", "ere_grad", "purify_reference"]
+__all__ = ["ere", "ere_grad", "purify_reference", "hetero_reference"]

@@ -1,4 +1,4 @@
-"""PGD, projections, wrappers, threat models and baselines on tiny synthetic data."""
+"""PGD, projections, wrappers and threat models on tiny synthetic data."""
 
 import copy
 import math
@@ -8,10 +8,11 @@ import torch
 from torch.nn import functional as F
 
 from pursamere_fast import PurifyConfig
-from pursamere_fast.attacks import (ADPPurifier, AttackSpec, Defence, FreshNoisePurifier, IdentityPurifier,
-                                    PurifiedClassifier, StraightThrough, attack_loss, cosine_per_sample,
-                                    input_gradients, pgd, project_l1, run_attack, wilson_interval)
+from pursamere_fast.attacks import (AttackSpec, Defence, FreshNoisePurifier, IdentityPurifier,
+                                    PurifiedClassifier, StraightThrough, VotingClassifier, attack_loss,
+                                    cosine_per_sample, input_gradients, pgd, project_l1, run_attack, wilson_interval)
 from pursamere_fast.attacks import toy
+from pursamere_fast.purifiers import ADPPurifier
 
 P = {"linf": math.inf, "l2": 2, "l1": 1}
 EPS = {"linf": 0.08, "l2": 0.6, "l1": 3.0}
@@ -342,29 +343,6 @@ def test_fresh_noise_purifier_gives_new_noise_each_call_and_is_reproducible():
         fresh.reset(-1)
 
 
-def test_adp_deterministic_batch_invariant_and_grad_modes():
-    score = toy.make_score().double()
-    x = toy.synthetic_data(6)[0].double()
-    adp = ADPPurifier(score, steps=2, seed=1)
-    with torch.no_grad():
-        full = adp(x)
-        assert torch.equal(full, adp(x))
-        # float64, per-image arithmetic: measured bitwise equal.
-        assert torch.allclose(torch.cat([adp(x[:2]), adp(x[2:])]), full, rtol=0, atol=1e-12)
-        assert not torch.equal(full, ADPPurifier(score, steps=2, seed=2)(x))
-    xi = x[:1].clone().requires_grad_(True)
-    w = torch.randn_like(xi)
-    (g_bpda,) = torch.autograd.grad((ADPPurifier(score, steps=2, grad_mode="bpda")(xi) * w).sum(), xi)
-    assert torch.equal(g_bpda, w)
-    # Noise 0 keeps the input away from the clamp's kinks: the full gradient is smooth.
-    smooth = ADPPurifier(score, steps=2, noise_std=0.0, sigma=0.05, grad_mode="full")
-    assert torch.autograd.gradcheck(smooth, (x[:1].clamp(0.3, 0.7).requires_grad_(True),), eps=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="grad_mode"):
-        ADPPurifier(score, grad_mode="exact")
-    with pytest.raises(ValueError, match="steps"):
-        ADPPurifier(score, steps=0)
-
-
 def test_straight_through_is_identity_backward():
     score = toy.make_score()
     x = toy.synthetic_data(3)[0].requires_grad_(True)
@@ -483,3 +461,60 @@ def test_adp_defence_under_the_harness(setup):
     g_bpda = input_gradients(d, clf, x, y, "bpda")
     g_full = input_gradients(d, clf, x, y, "full")
     assert not torch.allclose(g_bpda, g_full)
+
+
+class _ShiftRuns(torch.nn.Module):
+    """A toy purifier whose run r adds shifts[r] to the image (purify_runs for VotingClassifier)."""
+
+    def __init__(self, shifts):
+        super().__init__()
+        self.shifts = torch.as_tensor(shifts, dtype=torch.float64)
+
+    def forward(self, x):
+        return x + self.shifts[0]
+
+    def purify_runs(self, x, runs):
+        return torch.stack([x + self.shifts[r] for r in range(runs)])
+
+
+def test_voting_classifier_value_is_the_majority_vote_and_gradient_the_soft_vote():
+    torch.manual_seed(0)
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).double()
+    runs = _ShiftRuns([0.0, 0.3, -0.4, 0.9, 0.05])
+    model = VotingClassifier(runs, clf, 5)
+    x = torch.rand(6, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    logits = torch.stack([clf(x + s) for s in runs.shifts])  # (R, B, K)
+    votes = F.one_hot(logits.argmax(-1), 3).sum(0)
+    p_bar = logits.softmax(-1).mean(0)
+    torch.testing.assert_close(out.detach(), votes.double() + 0.5 * p_bar.detach(), rtol=0, atol=1e-12)
+    top = votes.max(1, keepdim=True).values
+    # argmax is a class with the most votes, and among those the one of highest p_bar.
+    expected = torch.where(votes == top, p_bar.detach(), torch.tensor(-1.0, dtype=torch.float64)).argmax(1)
+    assert torch.equal(out.argmax(1), expected)
+    w = torch.randn(6, 3, dtype=torch.float64)
+    (g,) = torch.autograd.grad((out * w).sum(), x)
+    (g_ref,) = torch.autograd.grad((p_bar.log() * w).sum(), x)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="purify_runs"):
+        VotingClassifier(IdentityPurifier(), clf, 3)
+    with pytest.raises(ValueError, match="runs"):
+        VotingClassifier(runs, clf, 0)
+
+
+def test_defence_model_votes_only_with_runs_and_fresh_noise_forwards_purify_runs():
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).double()
+    single = Defence("one", lambda grad_mode, seed: _ShiftRuns([0.1]))
+    assert type(single.model(clf)) is PurifiedClassifier
+    voted = Defence("vote", lambda grad_mode, seed: _ShiftRuns([0.1, 0.2, 0.3]), runs=3)
+    assert isinstance(voted.model(clf), VotingClassifier) and voted.model(clf).runs == 3
+    assert isinstance(voted.model(clf, None).purifier, IdentityPurifier)  # gray-box: the classifier alone
+    seeds = []
+    fresh = FreshNoisePurifier(lambda s: seeds.append(s) or _ShiftRuns([s, s + 1]), seed=2)
+    x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    assert torch.equal(fresh.purify_runs(x, 2)[:, 0, 0, 0, 0], torch.tensor([2_000_006.0, 2_000_007.0],
+                                                                            dtype=torch.float64))
+    fresh.purify_runs(x, 2)
+    assert seeds == [2_000_006, 2_000_007]
+    with pytest.raises(ValueError, match="runs"):
+        Defence("bad", lambda grad_mode, seed: _ShiftRuns([0.1]), runs=0)

@@ -38,6 +38,7 @@ steps = 1
 FILES = {
     "zero_batch.toml": "batch_size = 0\n",
     "malformed.toml": "x = [\n",
+    "junk.safetensors": "not a safetensors file\n",
     "unknown_key.toml": "oops = 1\n",
     "kwargs_typo.toml": "[classifier_kwargs]\ntrainsteps = 3\n",
     "flag_not_bool.toml": "no_progress = 1\n",
@@ -84,6 +85,10 @@ CASES = [
     (["evaluate", "--pursamere", "nosuch=1"], "--pursamere"),
     (["evaluate", "--defences", "adp", "--adp", "foo=1"], "--adp"),
     (["evaluate", "--defences", "adp", "--adp", "sigma=-1"], "--adp"),
+    (["evaluate", "--defences", "hetero", "--hetero", "foo=1"], "--hetero"),
+    (["evaluate", "--defences", "hetero", "--hetero", "runs=0"], "--hetero"),
+    (["evaluate", "--classifier", "{tmp}/missing.safetensors"], "--classifier"),
+    (["evaluate", "--classifier", "{tmp}/junk.safetensors"], "--classifier"),
     (["evaluate", "--config", "{tmp}/missing.toml"], "--config"),
     (["evaluate", "--config", "{tmp}/malformed.toml"], "--config"),
     (["evaluate", "--config", "{tmp}/zero_batch.toml"], "--config"),

@@ -1,4 +1,4 @@
-"""The core (purify, Purifier in every grad mode, kernels, reference, scores) imports neither the
+"""The core (purify, Purifier in every grad mode, the other purifiers, kernels, reference, scores) imports neither the
 attack harness nor a command line, and runs on Python 3.10, which has no tomllib."""
 
 import os
@@ -22,6 +22,20 @@ CORE_ONLY = """
         if out.requires_grad:
             out.sum().backward()
     pf.purify(x.detach(), score, cfg, backend="reference")
+    from pursamere_fast.purifiers import ADPPurifier
+    for mode in pf.purifier.GRAD_MODES:
+        out = ADPPurifier(score, steps=1, grad_mode=mode)(x)
+        if out.requires_grad:
+            out.sum().backward()
+    from pursamere_fast.nets import SmallCNN
+    from pursamere_fast.purifiers import HeteroPurifier
+    classifier = SmallCNN(1, 10, 4, 8).eval()
+    x8 = torch.rand(2, 1, 8, 8, requires_grad=True)
+    for mode in pf.purifier.GRAD_MODES:
+        hetero = HeteroPurifier(score, classifier, t_l=20, t_s=10, resample_steps=1, grid_steps=100, grad_mode=mode)
+        for out in (hetero(x8), hetero.purify_runs(x8, 2)):
+            if out.requires_grad:
+                out.sum().backward()
     print(" ".join(sorted(m for m in sys.modules if m.startswith("pursamere_fast"))))
 """
 FORBIDDEN = ("pursamere_fast.attacks", "pursamere_fast.cli", "pursamere_fast.demo", "pursamere_fast.train",

@@ -290,3 +290,61 @@ def test_key_value_overrides_parse_json_fractions_and_strings():
         "sam_radius": 8 / 255, "n_samples": 2, "norm": "l2", "betas": [0.8, 0.9]}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         _kv(["sam_radius"])
+
+
+def test_defence_array_names_variants_and_refuses_bad_entries(tmp_path, capsys):
+    base = CONFIG.format(n=4, steps=1).replace('defences = "none,pursamere"\n', "")
+    cfg = tmp_path / "variants.toml"
+    cfg.write_text(base + '\n[[defence]]\nname = "bare"\nkind = "none"\n\n[[defence]]\nname = "rho0"\n'
+                   'kind = "pursamere"\nrho = 0.0\n\n[[defence]]\nname = "adp1"\nkind = "adp"\nsteps = 1\n')
+    out = tmp_path / "out"
+    assert main_evaluate(["--config", str(cfg), "--out", str(out), "--threats", "clean"]) == 0
+    rows = read_rows(str(out / "rows.jsonl"))
+    assert sorted({r["defence"] for r in rows}) == ["adp1", "bare", "rho0"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    described = {k.split(" | ")[0]: v["defence"] for k, v in manifest["settings"].items()}
+    # The entry's settings override the [pursamere] table; the table's other fields stay.
+    assert described["rho0"]["rho"] == 0.0 and described["rho0"]["sam_radius"] == 0.02
+    assert described["adp1"]["steps"] == 1
+    for entries, message in [
+        ('\n[[defence]]\nname = "a"\nkind = "diffusion"\n', "kind must be one of"),
+        ('\n[[defence]]\nname = "a"\nkind = "none"\n\n[[defence]]\nname = "a"\nkind = "none"\n', "used twice"),
+        ('\n[[defence]]\nkind = "none"\n', "non-empty string 'name'"),
+        ('\n[[defence]]\nname = "a"\nkind = "none"\nrho = 1\n', "takes no settings"),
+        ('\n[[defence]]\nname = "a"\nkind = "adp"\nfoo = 1\n', "takes no argument 'foo'"),
+    ]:
+        bad = tmp_path / "bad.toml"
+        bad.write_text(base + entries)
+        with pytest.raises(SystemExit) as e:
+            main_evaluate(["--config", str(bad), "--out", str(tmp_path / "bad"), "--threats", "clean"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--config" in err and message in err, err
+    with pytest.raises(SystemExit):
+        main_evaluate(["--config", str(cfg), "--out", str(tmp_path / "both"), "--defences", "none"])
+    assert "--defences" in capsys.readouterr().err
+
+
+def test_hetero_defence_votes_under_every_threat(tmp_path):
+    """The heterogeneous purifier through the harness: a vote over 3 runs, judged by the vote."""
+    from pursamere_fast.attacks import run_attack
+    from pursamere_fast.purifiers import HeteroPurifier
+
+    clf, score = toy.make_classifier(train_steps=30), toy.make_score()
+    x, y = toy.synthetic_data(4, seed=1)
+    small = dict(t_l=40, t_s=20, resample_steps=1, grid_steps=50)
+    defence = Defence.hetero(score, clf, runs=3, seed=5, **small)
+    assert defence.description == {"kind": "hetero", "seed": 5, "runs": 3, **small}
+    with torch.no_grad():
+        votes = sum(torch.nn.functional.one_hot(clf(HeteroPurifier(score, clf, seed=s, **small)(x)).argmax(1), 4)
+                    for s in (5, 6, 7))
+        # The value is votes + p_bar / 2 with p_bar < 1 (test_attacks checks the tie-break).
+        assert torch.equal(defence.model(clf)(x).floor(), votes.float())
+    for threat in ("bpda", "exact", "bpda_eot"):
+        attack = AttackSpec(threat, "linf", 0.1, 2, eot=2 if threat == "bpda_eot" else 1)
+        x_adv, pred = run_attack(defence, attack, clf, x, y)
+        assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= 0.1 + 1e-6
+        assert pred.shape == y.shape
+    summary = evaluate(clf, (x, y), grid([defence], [AttackSpec("clean"), AttackSpec("bpda", "linf", 0.1, 1)]),
+                       out_dir=str(tmp_path / "run"), batch_size=2, progress=False, plots=False)
+    assert {e["attack"] for e in summary} == {"clean", "bpda-linf-eps0.1-s1"}

@@ -1,10 +1,11 @@
-"""Attack harness: PGD, APGD, Square, threat models, baselines, the resumable evaluation runner, sanity checks.
+"""Attack harness: PGD, APGD, Square, threat models, the resumable evaluation runner, sanity checks.
+
+The purifiers it attacks besides PurSAMERE live in `pursamere_fast.purifiers`.
 
     from pursamere_fast.attacks import pgd, PurifiedClassifier, AttackSpec, Defence, evaluate
 """
 
 from .apgd import apgd
-from .baselines import ADPPurifier
 from .cli import main_evaluate, main_sanity
 from .pgd import attack_loss, pgd, project_l1
 from .runner import evaluate, markdown_table, read_rows, summarise
@@ -26,11 +27,12 @@ from .wrappers import (
     IdentityPurifier,
     PurifiedClassifier,
     StraightThrough,
+    VotingClassifier,
 )
 
 __all__ = [
-    "THREATS", "ADPPurifier", "AttackSpec", "Defence", "FreshNoisePurifier", "IdentityPurifier", "PurifiedClassifier",
-    "StraightThrough", "apgd", "attack_loss", "clean_predictions", "cosine_per_sample", "evaluate", "grid",
-    "input_gradients", "main_evaluate", "main_sanity", "markdown_table", "mcnemar_exact", "pgd", "project_l1",
-    "read_rows", "run_attack", "run_sanity", "square", "summarise", "wilson_interval",
+    "THREATS", "AttackSpec", "Defence", "FreshNoisePurifier", "IdentityPurifier", "PurifiedClassifier",
+    "StraightThrough", "VotingClassifier", "apgd", "attack_loss", "clean_predictions", "cosine_per_sample",
+    "evaluate", "grid", "input_gradients", "main_evaluate", "main_sanity", "markdown_table", "mcnemar_exact", "pgd",
+    "project_l1", "read_rows", "run_attack", "run_sanity", "square", "summarise", "wilson_interval",
 ]

@@ -29,15 +29,16 @@ from .. import checks
 from ..cli import (ArgumentParser, choice, device, existing_file, integer, listed, number, option_errors, random_seed,
                    real)
 from ..purify import BACKENDS
-from .baselines import ADPPurifier
+from ..purifiers import ADPPurifier
 from .pgd import NORMS
 from .runner import _dist, _get, _len, evaluate, markdown_table
 from .sanity import run_sanity, sanity_markdown
 from .suite import autoattack_check, autoattack_markdown, default_suite, run_suite, suite_markdown, summarise_dir
 from .threats import THREATS, AttackSpec, Defence, grid
 
-DEFENCES = ("none", "pursamere", "adp")
-_TABLES = ("classifier_kwargs", "score_kwargs", "data_kwargs", "pursamere", "adp", "attack")
+DEFENCES = ("none", "pursamere", "adp", "hetero")
+_TABLES = ("classifier_kwargs", "score_kwargs", "data_kwargs", "pursamere", "adp", "hetero", "attack", "defence")
+_ARRAYS = ("attack", "defence")
 _ATTACK_FIELDS = tuple(f.name for f in dataclasses.fields(AttackSpec))
 
 
@@ -103,6 +104,23 @@ def load_object(spec: str, kwargs: dict | None = None):
     return obj
 
 
+def load_model(spec: str, kwargs: dict | None = None):
+    """A network from a .safetensors file written by `nets.save_net`, else `load_object(spec, kwargs)`.
+
+    Raises:
+        ValueError: as `load_object` or `nets.load_net`, or kwargs given with a file.
+    """
+    if isinstance(spec, str) and spec.endswith(".safetensors"):
+        from ..nets import load_net
+
+        if kwargs:
+            raise ValueError(f"{spec!r} is a weights file: it takes no keyword arguments, got {sorted(kwargs)}")
+        if not os.path.isfile(spec):
+            raise ValueError(f"no such file: {spec!r}")
+        return load_net(spec)
+    return load_object(spec, kwargs)
+
+
 def _number_or_text(value):
     """A string such as "0.1" or "8/255" as a float; any other value unchanged, for its own check to judge."""
     if isinstance(value, str):
@@ -162,12 +180,15 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", type=existing_file,
                    help="TOML file; its keys are the long options (dashes or underscores), "
                         "plus tables [classifier_kwargs], [score_kwargs], [data_kwargs], "
-                        "[pursamere], [adp] and an optional [[attack]] array of AttackSpec fields. "
+                        "[pursamere], [adp], [hetero], an optional [[attack]] array of AttackSpec fields and an "
+                        "optional [[defence]] array of named defences (name, kind = one of "
+                        f"{', '.join(DEFENCES)}, and that kind's settings), which replaces --defences. "
                         "Its factories are code that is imported and called: only run configs you trust")
     p.add_argument("--classifier", default="pursamere_fast.attacks.toy:make_classifier",
-                   help="factory 'module:attr' returning the classifier nn.Module")
+                   help="factory 'module:attr' returning the classifier nn.Module, or a .safetensors file written "
+                        "by pursamere_fast.nets.save_net (e.g. by train-classifier --export)")
     p.add_argument("--score", default="pursamere_fast.attacks.toy:make_score",
-                   help="factory 'module:attr' returning the score model")
+                   help="factory 'module:attr' returning the score model, or a save_net .safetensors file")
     p.add_argument("--data", default="pursamere_fast.attacks.toy:synthetic_data",
                    help="factory 'module:attr' returning (images, labels) tensors or a dataset of (image, label)")
     p.add_argument("--mean", type=listed(real()), default=None,
@@ -181,6 +202,8 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="PurifyConfig override for the pursamere defence (repeatable; VALUE is JSON or a "
                         "fraction such as 8/255)")
     p.add_argument("--adp", action="append", default=[], metavar="KEY=VALUE", help="ADPPurifier argument")
+    p.add_argument("--hetero", action="append", default=[], metavar="KEY=VALUE",
+                   help="HeteroPurifier argument, or runs=R: the majority vote over R runs")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="purify backend")
     p.add_argument("--score-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="precision of the pursamere score network (bfloat16: autocast, for the attack and the "
@@ -224,9 +247,10 @@ def _parse(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, d
             defaults = {}
             for key, value in cfg.items():
                 k = key.replace("-", "_")
-                if k in _TABLES:
-                    what = "an array of tables" if k == "attack" else "a table"
-                    if not isinstance(value, list if k == "attack" else dict):
+                # sanity's --defence (one name) is the key "defence" there; evaluate's is the array.
+                if k in _TABLES and not (k == "defence" and k in actions):
+                    what = "an array of tables" if k in _ARRAYS else "a table"
+                    if not isinstance(value, list if k in _ARRAYS else dict):
                         raise ValueError(f"{key!r} in {pre.config} must be {what}, got {value!r}")
                     tables[k] = value
                 elif k in actions:
@@ -239,7 +263,7 @@ def _parse(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, d
 
 def _build_common(p: argparse.ArgumentParser, args, cfg) -> dict:
     with option_errors(p, "--classifier"):
-        classifier = checks.function("classifier", load_object(args.classifier, cfg.get("classifier_kwargs")))
+        classifier = checks.function("classifier", load_model(args.classifier, cfg.get("classifier_kwargs")))
     with option_errors(p, "--data"):
         data = load_object(args.data, cfg.get("data_kwargs"))
         if not hasattr(data, "__len__"):
@@ -265,7 +289,7 @@ def _build_common(p: argparse.ArgumentParser, args, cfg) -> dict:
 
 def _load_score(p: argparse.ArgumentParser, args, cfg):
     with option_errors(p, "--score"):
-        score = checks.function("score", load_object(args.score, cfg.get("score_kwargs")))
+        score = checks.function("score", load_model(args.score, cfg.get("score_kwargs")))
     if args.device is not None and isinstance(score, nn.Module):
         score = score.to(args.device)
     return score
@@ -305,6 +329,21 @@ def adp_defence(score, kwargs: dict, **name) -> Defence:
     return Defence.adp(score, **name, **kwargs)
 
 
+def hetero_defence(score, classifier, kwargs: dict, **name) -> Defence:
+    """`Defence.hetero(score, classifier, **name, **kwargs)`, a key that HeteroPurifier does not
+    take (besides runs) refused by name.
+
+    Raises:
+        ValueError: an unknown key, or a bad value (HeteroPurifier's checks).
+    """
+    from ..purifiers import HeteroPurifier
+
+    kwargs = dict(kwargs)
+    runs = kwargs.pop("runs", 1)
+    _check_keywords("HeteroPurifier", HeteroPurifier, kwargs, exclude=("score", "classifier", "grad_mode"))
+    return Defence.hetero(score, classifier, **name, runs=checks.integer("runs", runs, 1), **kwargs)
+
+
 def _pursamere_overrides(cfg, args) -> dict:
     return {**_kv(cfg.get("pursamere")), **_kv(args.pursamere)}
 
@@ -313,22 +352,60 @@ def _score_dtype(args):
     return torch.bfloat16 if args.score_dtype == "bfloat16" else None
 
 
-def _defences(p: argparse.ArgumentParser, names, args, cfg, score=None) -> list[Defence]:
+def _defence_entries(p: argparse.ArgumentParser, args, cfg) -> list[tuple[str, str, dict]]:
+    """(name, kind, settings) of each defence: the config's [[defence]] array, else --defences."""
+    if "defence" not in cfg:
+        names = "none,pursamere" if args.defences is None else args.defences
+        if isinstance(names, str):
+            names = listed(choice(DEFENCES))(names)
+        return [(kind, kind, {}) for kind in dict.fromkeys(names)]
+    if args.defences is not None:
+        p.error("argument --defences: not allowed with a config's [[defence]] array, which names the defences")
     out = []
-    for name in names:
-        if name == "none":
-            out.append(Defence.none())
+    with option_errors(p, "--config"):
+        entries = cfg["defence"]
+        if not entries:
+            raise ValueError("[[defence]] must be a non-empty array of tables")
+        for i, entry in enumerate(entries, 1):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+                raise ValueError(f"[[defence]] entry {i} must be a table with a non-empty string 'name', got {entry!r}")
+            settings = dict(entry)
+            name, kind = settings.pop("name"), settings.pop("kind", None)
+            if kind not in DEFENCES:
+                raise ValueError(f"[[defence]] entry {i} ({name!r}): kind must be one of {', '.join(DEFENCES)}, "
+                                 f"got {kind!r}")
+            if kind == "none" and settings:
+                raise ValueError(f"[[defence]] entry {i} ({name!r}): kind 'none' takes no settings, got {settings}")
+            if name in (e[0] for e in out):
+                raise ValueError(f"[[defence]] entry {i}: name {name!r} is used twice")
+            out.append((name, kind, settings))
+    return out
+
+
+def _defences(p: argparse.ArgumentParser, entries, args, cfg, score=None, classifier=None) -> list[Defence]:
+    """The defences of `entries` ((name, kind, settings) as `_defence_entries` gives; settings
+    override the kind's table and KEY=VALUE options)."""
+    out = []
+    for name, kind, settings in entries:
+        named = {"name": name}
+        if kind == "none":
+            out.append(Defence.none(**named))
             continue
         if score is None:
             score = _load_score(p, args, cfg)
-        if name == "pursamere":
+        where = "--config" if settings else f"--{kind}"
+        if kind == "pursamere":
             base = _base_config(p, args)
-            with option_errors(p, "--pursamere"):
+            with option_errors(p, where):
                 out.append(Defence.pursamere(score, base, backend=args.backend, score_dtype=_score_dtype(args),
-                                             **_pursamere_overrides(cfg, args)))
-        else:  # "adp": the parser allows no other name
-            with option_errors(p, "--adp"):
-                out.append(adp_defence(score, {**_kv(cfg.get("adp")), **_kv(args.adp)}))
+                                             **named, **{**_pursamere_overrides(cfg, args), **_kv(settings)}))
+        elif kind == "adp":
+            with option_errors(p, where):
+                out.append(adp_defence(score, {**_kv(cfg.get("adp")), **_kv(args.adp), **_kv(settings)}, **named))
+        else:  # "hetero": the parser allows no other kind
+            with option_errors(p, where):
+                out.append(hetero_defence(score, classifier, {**_kv(cfg.get("hetero")), **_kv(args.hetero),
+                                                              **_kv(settings)}, **named))
     return out
 
 
@@ -348,8 +425,8 @@ def main_evaluate(argv: Sequence[str] | None = None) -> int:
     """
     p = _common_parser("pursamere-fast evaluate", "Evaluate defences under adaptive attacks (resumable).")
     p.add_argument("--out", default="runs/evaluate", help="results directory")
-    p.add_argument("--defences", type=listed(choice(DEFENCES)), default="none,pursamere",
-                   help=f"comma list of {', '.join(DEFENCES)}")
+    p.add_argument("--defences", type=listed(choice(DEFENCES)), default=None,
+                   help=f"comma list of {', '.join(DEFENCES)} (default none,pursamere)")
     p.add_argument("--threats", type=listed(choice(THREATS)), default="gpgd,bpda",
                    help=f"comma list of {', '.join(THREATS)}")
     p.add_argument("--eps", type=listed(real(positive=True)), default="8/255",
@@ -379,7 +456,7 @@ def main_evaluate(argv: Sequence[str] | None = None) -> int:
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     _init_distributed(args.device)
     common = _build_common(p, args, cfg)
-    defences = _defences(p, dict.fromkeys(args.defences), args, cfg)
+    defences = _defences(p, _defence_entries(p, args, cfg), args, cfg, classifier=common["classifier"])
     if args.suite:
         if cfg.get("attack"):
             with option_errors(p, "--config"):
@@ -453,7 +530,7 @@ def main_sanity(argv: Sequence[str] | None = None) -> int:
     args, cfg = _parse(p, argv)
     common = _build_common(p, args, cfg)
     score = None if args.defence == "none" else _load_score(p, args, cfg)
-    (defence,) = _defences(p, [args.defence], args, cfg, score)
+    (defence,) = _defences(p, [(args.defence, args.defence, {})], args, cfg, score, common["classifier"])
     rho_zero = None
     if args.defence == "pursamere":
         over = {**_pursamere_overrides(cfg, args), "rho": 0.0}

@@ -33,7 +33,6 @@ from .runner import _device_of, _get, _indices, read_rows
 from .stats import wilson_interval
 from .threats import GRAD_MODE, Defence, clean_predictions
 from .pgd import NORMS, pgd
-from .wrappers import IdentityPurifier, PurifiedClassifier
 
 ROWS = "rows.jsonl"
 
@@ -95,8 +94,7 @@ def run_convergence(classifier: nn.Module, data, defence: Defence, *, out_dir: s
     path = os.path.join(out_dir, ROWS)
     done = {(r["restart"], r["index"]) for r in read_rows(path, repair=True)}
     grad_mode = None if threat == "gpgd" else GRAD_MODE[threat]
-    target = PurifiedClassifier(IdentityPurifier() if grad_mode is None else defence.build(grad_mode, None),
-                                classifier, mean, std)
+    target = defence.model(classifier, grad_mode, mean=mean, std=std)
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     from tqdm.auto import tqdm
 
@@ -206,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "--data")
     args, cfg = _parse(p, argv)
     common = _build_common(p, args, cfg)
-    (defence,) = _defences(p, [args.defence], args, cfg)
+    (defence,) = _defences(p, [(args.defence, args.defence, {})], args, cfg, classifier=common["classifier"])
     data, indices = common["data"], common["indices"]
     if args.validation:
         from .sweep import validation_split

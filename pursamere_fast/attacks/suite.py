@@ -42,7 +42,6 @@ from .runner import (MANIFEST, ROWS, _all_rows, _barrier, _check_manifest, _devi
                      _merge, _per_rank, _perturbation, read_rows)
 from .stats import mcnemar_exact, wilson_interval
 from .threats import AttackSpec, Defence, clean_predictions, predict, run_attack
-from .wrappers import PurifiedClassifier
 
 CLEAN = "clean"
 TRANSFER = "transfer"
@@ -258,7 +257,7 @@ def _run_transfer(d, others, members, classifier, x, y, batch, done, emit, alive
     pos = {i: j for j, i in enumerate(batch)}
     result = {}
     t0 = time.process_time()
-    model = PurifiedClassifier(d.build("none", None), classifier, mean, std)
+    model = d.model(classifier, "none", mean=mean, std=std)
     for o in others:
         for m in members:
             path = _adv_path(out_dir, o.name, m.label, batch[0])
@@ -411,7 +410,7 @@ def autoattack_check(classifier: nn.Module, data, defence: Defence, *, suite_dir
     path = os.path.join(suite_dir, f"autoattack.{_safe(defence.name)}.jsonl")
     done = {r["index"]: r for r in read_rows(path, repair=True)}
     device = _device_of(classifier, device)
-    target = PurifiedClassifier(defence.build(GRAD_MODE[threat], None), classifier, mean, std)
+    target = defence.model(classifier, GRAD_MODE[threat], mean=mean, std=std)
     todo = [i for i in judged if i not in done and by[i][CLEAN]["clean_correct"]]
     from tqdm.auto import tqdm
 

@@ -33,8 +33,8 @@ import torch
 
 from .. import checks
 from ..cli import ArgumentParser, existing_dir, existing_file, integer, option_errors
-from .cli import (_init_distributed, _kv, _number_or_text, adp_defence, attack_specs, load_object, load_purify_config,
-                  load_toml)
+from .cli import (_init_distributed, _kv, _number_or_text, adp_defence, attack_specs, hetero_defence, load_object,
+                  load_purify_config, load_toml)
 from .runner import _all_rows, _dist, _len, evaluate, markdown_table, plot_summary
 from .stats import mcnemar_exact, wilson_interval
 from .threats import Defence, grid
@@ -261,6 +261,9 @@ def _cost_of(description: Mapping) -> int:
     """Score evaluations per purified image (ADP: forward only, one per ascent step)."""
     if description.get("kind") == "adp":
         return description.get("steps", 5)
+    if description.get("kind") == "hetero":  # one score call per grid step from t_l down, per run
+        stride = description.get("T", 1000) // description.get("grid_steps", 500)
+        return description["runs"] * -(-description.get("t_l", 200) // stride)
     k = len(description["sigmas"]) * description["steps_per_sigma"]
     return k * description["n_samples"] * (2 if description["sam_radius"] > 0 else 1)
 
@@ -268,8 +271,9 @@ def _cost_of(description: Mapping) -> int:
 def _points(cfg: Mapping) -> list[dict]:
     """Grid points of a sweep TOML: the product of [grid], or the explicit [[point]] list.
 
-    A point's optional "defence" key is "pursamere" (default) or "adp"; its other keys are
-    PurifyConfig overrides, or ADPPurifier arguments. Strings like "8/255" become floats.
+    A point's optional "defence" key is "pursamere" (default), "adp" or "hetero"; its other
+    keys are PurifyConfig overrides, ADPPurifier arguments, or HeteroPurifier arguments and
+    runs. Strings like "8/255" become floats.
     """
     if ("grid" in cfg) == ("point" in cfg):
         raise ValueError("a sweep config needs exactly one of [grid] and [[point]]")
@@ -282,8 +286,8 @@ def _points(cfg: Mapping) -> list[dict]:
     points = []
     for pt in cfg["point"]:
         pt = {k: (v if k == "defence" else _number_or_text(v)) for k, v in pt.items()}
-        if pt.get("defence", "pursamere") not in ("pursamere", "adp"):
-            raise ValueError(f"point defence must be 'pursamere' or 'adp', got {pt['defence']!r}")
+        if pt.get("defence", "pursamere") not in ("pursamere", "adp", "hetero"):
+            raise ValueError(f"point defence must be 'pursamere', 'adp' or 'hetero', got {pt['defence']!r}")
         points.append(pt)
     return points
 
@@ -319,8 +323,11 @@ def _setup(cfg: Mapping, path: str) -> dict:
     defences, costs = [Defence.none()], {}
     for point in points:
         point = dict(point)
-        if point.pop("defence", "pursamere") == "adp":
+        kind = point.pop("defence", "pursamere")
+        if kind == "adp":
             d = adp_defence(score, point, name="adp:" + config_name(point))
+        elif kind == "hetero":
+            d = hetero_defence(score, classifier, point, name="hetero:" + config_name(point))
         else:
             d = Defence.pursamere(score, base, name=config_name(point), **{**fixed, **point})
         defences.append(d)

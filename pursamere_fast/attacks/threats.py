@@ -30,11 +30,11 @@ from torch.nn import functional as F
 
 from .. import checks
 
-from .baselines import ADPPurifier
+from ..purifiers import ADPPurifier
 from .apgd import apgd
 from .pgd import NORMS, pgd
 from .square import square
-from .wrappers import FreshNoisePurifier, IdentityPurifier, PurifiedClassifier
+from .wrappers import FreshNoisePurifier, IdentityPurifier, PurifiedClassifier, VotingClassifier
 
 THREATS = ("clean", "gpgd", "bpda", "bpda_eot", "exact", "exact_st", "exact_st_proj", "blackbox")
 ATTACKS = ("pgd", "apgd", "square")
@@ -170,17 +170,41 @@ class Defence:
         plan: optional callable (image_shape, device) -> JSON-able dict of how the defence
             runs there (purify's resolved score options), stored in the manifest beside
             the description.
+        runs: purification runs per prediction; above 1 the defended model is a
+            `VotingClassifier` (majority vote) and the purifier must have `purify_runs`.
     """
 
     name: str
     build: Callable[[str, int | None], nn.Module]
     description: Mapping = field(default_factory=dict)
     plan: Callable[[tuple, torch.device], Mapping] | None = None
+    runs: int = 1
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
         checks.function("build", self.build)
+        checks.integer("runs", self.runs, 1)
+
+    def model(self, classifier: nn.Module, grad_mode: str | None = "none", seed: int | None = None, *,
+              mean=None, std=None, purifier: nn.Module | None = None) -> nn.Module:
+        """The defended model: [0, 1] images -> logits (a vote over `runs` runs when runs > 1).
+
+        Args:
+            classifier: module from normalised images to logits.
+            grad_mode: the purifier's grad mode; None puts no purifier in front (the gray-box
+                target, the classifier alone).
+            seed: as `build`'s.
+            mean, std: normalisation before the classifier.
+            purifier: use this purifier instead of `build(grad_mode, seed)` (a
+                `FreshNoisePurifier` for the stochastic threat).
+        """
+        if grad_mode is None:
+            return PurifiedClassifier(IdentityPurifier(), classifier, mean, std)
+        purifier = self.build(grad_mode, seed) if purifier is None else purifier
+        if self.runs == 1:
+            return PurifiedClassifier(purifier, classifier, mean, std)
+        return VotingClassifier(purifier, classifier, self.runs, mean, std)
 
     @staticmethod
     def none(name: str = "none") -> "Defence":
@@ -228,9 +252,33 @@ class Defence:
 
         return Defence(name, build, {"kind": "adp", "seed": base_seed, **kwargs})
 
+    @staticmethod
+    def hetero(score: Callable, classifier: nn.Module, *, name: str = "hetero", runs: int = 1,
+               **kwargs) -> "Defence":
+        """Heterogeneous-noise diffusion purification, predicting by majority vote over `runs`
+        runs (seeds seed .. seed + runs - 1; see `HeteroPurifier` for kwargs).
+
+        Args:
+            score: a score model of this library, or a noise predictor (see `HeteroPurifier`).
+            classifier: the module whose stage activations give the saliency mask, taking
+                [0, 1] images (wrap a classifier that expects normalised inputs).
+        """
+        from ..purifiers import HeteroPurifier
+
+        base_seed = kwargs.pop("seed", 0)
+        HeteroPurifier(score, classifier, seed=base_seed, **kwargs)  # validates kwargs now, not at first use
+
+        def build(grad_mode: str, seed: int | None) -> nn.Module:
+            return HeteroPurifier(score, classifier, seed=base_seed if seed is None else seed, grad_mode=grad_mode,
+                                  **kwargs)
+
+        description = {"kind": "hetero", "seed": base_seed, "runs": runs,
+                       **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+        return Defence(name, build, description, runs=runs)
+
 
 def _eval_model(defence: Defence, classifier: nn.Module, mean, std) -> nn.Module:
-    return PurifiedClassifier(defence.build("none", None), classifier, mean, std)
+    return defence.model(classifier, "none", mean=mean, std=std)
 
 
 @torch.no_grad()
@@ -268,16 +316,16 @@ def run_attack(defence: Defence, attack: AttackSpec, classifier: nn.Module, x: t
     if t == "bpda_eot":
         base = seed if isinstance(seed, int) else int(seed[0])
         attacked = FreshNoisePurifier(lambda s: defence.build("bpda", s), base)
-        x_adv = _attack(PurifiedClassifier(attacked, classifier, mean, std), x, y, attack, seed)
+        x_adv = _attack(defence.model(classifier, mean=mean, std=std, purifier=attacked), x, y, attack, seed)
         # A separate seed stream, so the evaluating draw is not one the attacker saw.
         judge = FreshNoisePurifier(lambda s: defence.build("none", s), base + 1)
-        return x_adv, predict(PurifiedClassifier(judge, classifier, mean, std), x_adv)
+        return x_adv, predict(defence.model(classifier, mean=mean, std=std, purifier=judge), x_adv)
     if t == "gpgd":
-        target = PurifiedClassifier(IdentityPurifier(), classifier, mean, std)
+        target = defence.model(classifier, None, mean=mean, std=std)
     elif t == "blackbox":
         target = _eval_model(defence, classifier, mean, std)
     else:
-        target = PurifiedClassifier(defence.build(GRAD_MODE[t], None), classifier, mean, std)
+        target = defence.model(classifier, GRAD_MODE[t], mean=mean, std=std)
     x_adv = _attack(target, x, y, attack, seed)
     return x_adv, clean_predictions(defence, classifier, x_adv, mean=mean, std=std)
 
@@ -307,7 +355,7 @@ def input_gradients(defence: Defence, classifier: nn.Module, x: torch.Tensor, y:
         Tensor of x's shape.
     """
     checks.choice("grad_mode", grad_mode, tuple(GRAD_MODE.values()))
-    model = PurifiedClassifier(defence.build(grad_mode, None), classifier, mean, std)
+    model = defence.model(classifier, grad_mode, mean=mean, std=std)
     xg = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         loss = F.cross_entropy(model(xg), y.to(x.device), reduction="sum")

@@ -3,14 +3,18 @@
 `PurifiedClassifier` is what every adaptive attack differentiates: [0, 1] images ->
 purifier -> (x - mean) / std -> classifier -> logits. How the gradient passes the purifier
 is the purifier's business (grad_mode "bpda": identity; "full": exact unrolled gradient).
+`VotingClassifier` is the same for a defence that predicts by majority vote over several
+purification runs (the heterogeneous-noise purifier's R runs).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .. import checks
 
@@ -91,6 +95,45 @@ class PurifiedClassifier(nn.Module):
         return self.classifier(self.normalise(self.purifier(x)))
 
 
+class VotingClassifier(PurifiedClassifier):
+    """Majority vote of the classifier over `runs` purification runs, as one module.
+
+    The purifier's `purify_runs(x, runs)` gives the runs (runs, B, C, H, W) (seeds seed ..
+    seed + runs - 1, one batched pass). The output's value is votes + p_bar / 2 per class
+    (votes: how many runs predict the class; p_bar: the runs' mean softmax, in [0, 1], so it
+    breaks ties and never outweighs a vote): its argmax is the majority vote, which is the
+    defence's prediction and what decides whether an attack iterate fools it. Its gradient
+    is that of log p_bar, the soft vote, because the vote itself is piecewise constant:
+    an attack follows the runs' averaged gradient (EoT over the fixed runs) and is judged by
+    the vote.
+
+    Args:
+        purifier: module with `purify_runs(x, runs)`.
+        classifier, mean, std: as `PurifiedClassifier`.
+        runs: number of runs, >= 1.
+
+    Raises:
+        ValueError: runs < 1, a purifier without `purify_runs`, or as `PurifiedClassifier`.
+    """
+
+    def __init__(self, purifier: nn.Module, classifier: nn.Module, runs: int,
+                 mean: Sequence[float] | torch.Tensor | None = None,
+                 std: Sequence[float] | torch.Tensor | None = None):
+        super().__init__(purifier, classifier, mean, std)
+        self.runs = checks.integer("runs", runs, 1)
+        if not callable(getattr(purifier, "purify_runs", None)):
+            raise ValueError(f"purifier must have purify_runs(x, runs) to vote, got {type(purifier).__name__}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = self.purifier.purify_runs(x, self.runs)
+        logits = self.classifier(self.normalise(xs.flatten(0, 1))).unflatten(0, xs.shape[:2])
+        log_p = torch.logsumexp(logits.log_softmax(-1), dim=0) - math.log(self.runs)
+        votes = F.one_hot(logits.detach().argmax(-1), logits.shape[-1]).sum(0).to(log_p.dtype)
+        value = votes + 0.5 * log_p.detach().exp()
+        # Value exactly `value` (log_p - log_p is 0), gradient exactly that of log_p.
+        return value + (log_p - log_p.detach())
+
+
 class FreshNoisePurifier(nn.Module):
     """A stochastic purifier: every call builds the purifier with a new seed (fresh noise).
 
@@ -118,7 +161,14 @@ class FreshNoisePurifier(nn.Module):
         self.seed = seed
         self.calls = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _next(self) -> nn.Module:
         seed = self.seed * 1_000_003 + self.calls
         self.calls += 1
-        return self.build(seed)(x)
+        return self.build(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._next()(x)
+
+    def purify_runs(self, x: torch.Tensor, runs: int) -> torch.Tensor:
+        """`runs` purifications of x from one fresh draw's `purify_runs` (for `VotingClassifier`)."""
+        return self._next().purify_runs(x, runs)

@@ -3,8 +3,11 @@
 - `score.py`: `train_score` (NCSN denoising score matching, EMA), `evaluate_denoiser`,
   the ``pursamere-fast train-score`` command (`main_train_score`).
 - `classifier.py`: `train_classifier` with Adam, SGD, SAM, ImbSAM or SSE-SAM
-  (`OptimizerConfig`), `evaluate_classifier`, `per_class_accuracy`, the
+  (`OptimizerConfig`) and optionally a regulariser (`RegulariserConfig`: LFR, gradient
+  penalty, PGD adversarial training), `evaluate_classifier`, `per_class_accuracy`, the
   ``pursamere-fast train-classifier`` command (`main_train_classifier`).
+- `lfr.py`: local flatness regularisation (SPEC 10): `lfr_penalty`, the clean-point
+  `gradient_penalty`, and `pgd_examples` for adversarial training.
 - `longtail.py`: long-tailed subsets (`long_tailed_subset`) and the head/tail split.
 - `checkpoint.py`: the run directory every trainer keeps (checkpoint, loss log, plot).
 """
@@ -19,19 +22,23 @@ from .checkpoint import (
 )
 from .classifier import (
     OPTIMIZERS,
+    REGULARISERS,
     SCHEDULES,
     OptimizerConfig,
+    RegulariserConfig,
     evaluate_classifier,
     main_train_classifier,
     per_class_accuracy,
     train_classifier,
 )
+from .lfr import gradient_penalty, lfr_penalty, pgd_examples
 from .longtail import long_tailed_counts, long_tailed_subset, tail_classes
 from .score import evaluate_denoiser, main_train_score, score_matching_loss, train_score
 
 __all__ = [
-    "CHECKPOINT", "LOSS_LOG", "LOSS_PNG", "OPTIMIZERS", "SCHEDULES", "OptimizerConfig", "ResumeError", "TrainResult",
-    "evaluate_classifier", "evaluate_denoiser", "long_tailed_counts", "long_tailed_subset", "main_train_classifier",
-    "main_train_score", "per_class_accuracy", "plot_losses", "score_matching_loss", "tail_classes",
-    "train_classifier", "train_score",
+    "CHECKPOINT", "LOSS_LOG", "LOSS_PNG", "OPTIMIZERS", "REGULARISERS", "SCHEDULES", "OptimizerConfig",
+    "RegulariserConfig", "ResumeError", "TrainResult", "evaluate_classifier", "evaluate_denoiser",
+    "gradient_penalty", "lfr_penalty", "long_tailed_counts", "long_tailed_subset", "main_train_classifier",
+    "main_train_score", "per_class_accuracy", "pgd_examples", "plot_losses", "score_matching_loss",
+    "tail_classes", "train_classifier", "train_score",
 ]

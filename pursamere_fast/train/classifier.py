@@ -1,16 +1,19 @@
-"""Classifier training: cross-entropy with Adam, SGD or a SAM-family optimiser (SPEC 9).
+"""Classifier training: cross-entropy with Adam, SGD or a SAM-family optimiser (SPEC 9), and
+optionally an input-gradient regulariser (SPEC 10): local flatness (LFR), the clean-point
+gradient penalty, or PGD adversarial training (`RegulariserConfig`, `lfr.py`).
 
 `train_classifier` keeps one checkpoint (`checkpoint.py`): model weights ("model.*") and the
 optimiser's state tensors ("optim.*": Adam moments, SGD momentum buffers; a SAM wrapper's
 state is its base's). A run started again with ``resume=True`` ends with the same weights as
 one never interrupted: each epoch's data order comes from a generator seeded by
-(seed, epoch), and the learning rate and SSE-SAM's head radius are functions of the step,
-so nothing else needs saving. A resume with other hyperparameters or optimiser settings is
-refused; `epochs` may grow, except where the schedule depends on it (cosine learning rate,
-SSE-SAM's phase switch at gamma * epochs).
+(seed, epoch), a regulariser's random starts from one seeded by (seed, step), and the
+learning rate and SSE-SAM's head radius are functions of the step, so nothing else needs
+saving. A resume with other hyperparameters, optimiser or regulariser settings is refused;
+`epochs` may grow, except where the schedule depends on it (cosine learning rate, SSE-SAM's
+phase switch at gamma * epochs).
 
-The defaults (Adam, constant learning rate, no weight decay) are the trainer that made the
-shipped Fashion-MNIST classifier, step for step.
+The defaults (Adam, constant learning rate, no weight decay, no regulariser) are the trainer
+that made the shipped Fashion-MNIST classifier, step for step.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from .checkpoint import (
     _optim_tensors,
     _Run,
 )
+from .lfr import gradient_penalty, lfr_penalty, pgd_examples
 from .longtail import long_tailed_subset, tail_classes
 
 OPTIMIZERS = ("adam", "sgd", "sam", "imbsam", "ssesam")
@@ -69,6 +73,17 @@ _FIELDS_USED = {
 # Default learning rates: Adam's made the shipped classifier; SGD's is the benchmark's
 # (docs/optim.md), stable for SmallCNN at batch 128 with momentum 0.9.
 DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05, "sam": 0.05, "imbsam": 0.05, "ssesam": 0.05}
+
+REGULARISERS = ("none", "lfr", "gradpen", "pgd-at")
+# The fields each regulariser reads besides its name; only these go into a checkpoint.
+_REGULARISER_FIELDS_USED = {"none": (), "lfr": ("eps", "alpha", "steps", "lam"), "gradpen": ("lam",),
+                            "pgd-at": ("eps", "alpha", "steps")}
+# The optimisers a regulariser runs with: a SAM-family step would need the inner maximisation
+# redone at the perturbed weights, which SPEC 10 does not define.
+_REGULARISED_OPTIMIZERS = ("adam", "sgd")
+# The last word of the regulariser's (seed, step, 1) generator seed: SeedSequence pads with
+# zeros, so the data order's (seed, epoch), read as (seed, epoch, 0), never equals it.
+_REGULARISER_STREAM = 1
 
 
 @dataclass(frozen=True)
@@ -146,9 +161,71 @@ class OptimizerConfig:
         return SSESAM(base, rho_head=self.rho_head, rho_tail=self.rho_tail)
 
 
+@dataclass(frozen=True)
+class RegulariserConfig:
+    """What `train_classifier` adds to, or puts in place of, the cross-entropy (SPEC 10).
+
+    Attributes:
+        name: "none" (plain cross-entropy), "lfr" (CE(f(x), y) + lam * mean `lfr_penalty`),
+            "gradpen" (CE + lam * mean `gradient_penalty`: the penalty at the clean point, the
+            control for LFR's inner maximisation) or "pgd-at" (CE(f(x_adv), y) at
+            `pgd_examples`: Madry adversarial training).
+        eps, alpha, steps: linf radius, step size and steps of the inner maximisation (lfr,
+            pgd-at; the same for both so that budgets compare). The defaults suit
+            Fashion-MNIST (eps 0.1, its usual linf budget; 10 steps of 0.01 reach the ball's
+            surface); SPEC 10's MNIST setting is 0.3, 0.01, 40, its CIFAR-10 one 8/255, 0.007, 10.
+        lam: weight of the penalty (lfr, gradpen); 0.02 is SPEC 10's MNIST value.
+
+    Raises:
+        ValueError: a field out of range, naming it.
+    """
+
+    name: str = "none"
+    eps: float = 0.1
+    alpha: float = 0.01
+    steps: int = 10
+    lam: float = 0.02
+
+    def __post_init__(self):
+        checks.choice("name", self.name, REGULARISERS)
+        checked = {"eps": checks.real("eps", self.eps, 0), "alpha": checks.real("alpha", self.alpha, 0),
+                   "steps": checks.integer("steps", self.steps, 0), "lam": checks.real("lam", self.lam, 0)}
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def used(self) -> dict:
+        """The settings this regulariser reads: what a checkpoint must agree on."""
+        return {k: v for k, v in asdict(self).items() if k == "name" or k in _REGULARISER_FIELDS_USED[self.name]}
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """The batch's training loss under this regulariser.
+
+        Args:
+            model: the classifier, in the mode it trains in.
+            x: float (B, C, H, W) images in [0, 1]; y: integer labels (B,).
+            generator: CPU generator of the random starts (lfr, pgd-at).
+
+        Returns:
+            The scalar loss to minimise.
+        """
+        if self.name == "pgd-at":
+            x_adv = pgd_examples(model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, generator=generator)
+            return F.cross_entropy(model(x_adv), y)
+        if self.name == "lfr":
+            penalty, _ = lfr_penalty(model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps,
+                                     generator=generator)
+        elif self.name == "gradpen":
+            penalty = gradient_penalty(model, x, y)
+        else:
+            return F.cross_entropy(model(x), y)
+        return F.cross_entropy(model(x), y) + self.lam * penalty.mean()
+
+
 def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_size: int, lr: float,
                      out_dir: str | os.PathLike, seed: int, purify_score: Callable | None = None,
-                     purify_config=None, optimizer: OptimizerConfig | None = None, resume: bool = True,
+                     purify_config=None, optimizer: OptimizerConfig | None = None,
+                     regulariser: RegulariserConfig | None = None, resume: bool = True,
                      checkpoint_every: int = 200, progress: bool = True) -> TrainResult:
     """Train a classifier with cross-entropy, optionally with purified augmentation.
 
@@ -158,7 +235,9 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
     With imbsam or ssesam the per-sample losses are split by class into L_H and L_T (each a sum
     over its samples divided by the batch size, SPEC 9); the tail classes are those with fewer
     than `optimizer.tail_threshold` samples in `labels`. The logged loss is the batch's mean
-    cross-entropy at the unperturbed weights for every optimiser.
+    cross-entropy at the unperturbed weights for every optimiser; with a regulariser, the loss
+    it minimises (lfr, gradpen: CE + lam * mean penalty; pgd-at: the CE at the PGD examples),
+    whose random starts come from a generator seeded by (seed, step).
 
     Args:
         model: classifier from [0, 1] images to logits, trained in place; on its device.
@@ -170,6 +249,8 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
         purify_score: score(y, sigma) for purified augmentation, or None.
         purify_config: PurifyConfig for it (None: the default config).
         optimizer: the update rule (None: OptimizerConfig(), Adam at a constant `lr`).
+        regulariser: RegulariserConfig (None: none); any but "none" needs optimizer adam or
+            sgd and no `purify_score`.
         resume: continue from `out_dir`'s checkpoint if there is one.
         checkpoint_every: steps between checkpoints (also at each epoch's end).
         progress: show a tqdm bar.
@@ -180,7 +261,8 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
     Raises:
         ValueError: bad arguments.
         ResumeError: (a ValueError) the checkpoint in `out_dir` was made with other
-            hyperparameters or optimiser settings, for another model, or is past `epochs`.
+            hyperparameters, optimiser or regulariser settings, for another model, or is past
+            `epochs`.
     """
     images = _images(images)
     labels = checks.labels("labels", torch.as_tensor(labels), images.shape[0]).long()
@@ -193,6 +275,15 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
     if not isinstance(optimizer, OptimizerConfig):
         # A ValueError naming the argument, as every bad input here (STYLE.md).
         raise ValueError(f"optimizer must be an OptimizerConfig or None, got {type(optimizer).__name__}")  # noqa: TRY004
+    regulariser = RegulariserConfig() if regulariser is None else regulariser
+    if not isinstance(regulariser, RegulariserConfig):
+        raise ValueError(f"regulariser must be a RegulariserConfig or None, got {type(regulariser).__name__}")  # noqa: TRY004
+    regularised = regulariser.name != "none"
+    if regularised and optimizer.name not in _REGULARISED_OPTIMIZERS:
+        raise ValueError(f"regulariser {regulariser.name!r} needs optimizer {' or '.join(_REGULARISED_OPTIMIZERS)}, "
+                         f"got {optimizer.name!r}")
+    if regularised and purify_score is not None:
+        raise ValueError(f"regulariser {regulariser.name!r} does not combine with purify_score")
     device = _device_of(model)
     config_desc = None
     if purify_score is not None:
@@ -205,6 +296,8 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
                "purify_config": config_desc, "optimizer": optimizer.used()}
     if optimizer.needs_epochs:
         hparams["epochs"] = epochs
+    if regularised:  # absent otherwise: runs from before the option still resume
+        hparams["regulariser"] = regulariser.used()
     run = _Run(out_dir, "classifier", hparams, resume)
     opt = optimizer.build(model.parameters(), lr)
     n = images.shape[0]
@@ -252,7 +345,10 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
             for group in opt.param_groups:
                 group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
         if optimizer.name in ("adam", "sgd"):
-            loss = batch_loss()
+            if regularised:
+                loss = regulariser.loss(model, x, y, _generator(seed, step, _REGULARISER_STREAM))
+            else:
+                loss = batch_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -335,6 +431,10 @@ _OPTIMIZER_OPTIONS = {"--momentum": "momentum", "--rho": "rho", "--rho-head": "r
                       "--rho-tail": "rho_tail", "--gamma": "gamma", "--tail-threshold": "tail_threshold"}
 
 
+# The options that set a RegulariserConfig field, which only some regularisers read.
+_REGULARISER_OPTIONS = {"--reg-eps": "eps", "--reg-alpha": "alpha", "--reg-steps": "steps", "--reg-lambda": "lam"}
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     # An option whose default depends on another option says so in its help: "(default: None)"
     # would be wrong.
@@ -355,14 +455,34 @@ def _optimizer_from_args(p: argparse.ArgumentParser, args) -> OptimizerConfig:
     return OptimizerConfig(name=args.optimizer, weight_decay=args.weight_decay, schedule=args.schedule, **given)
 
 
+def _regulariser_from_args(p: argparse.ArgumentParser, args) -> RegulariserConfig:
+    option, name = ("--lfr", "lfr") if args.lfr else ("--regulariser", args.regulariser)
+    given = {}
+    for opt, field in _REGULARISER_OPTIONS.items():
+        value = getattr(args, opt[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if field not in _REGULARISER_FIELDS_USED[name]:
+            users = ", ".join(n for n, used in _REGULARISER_FIELDS_USED.items() if field in used)
+            p.error(f"argument {opt}: does not apply to --regulariser {name} (only to {users})")
+        given[field] = value
+    if name != "none" and args.optimizer not in _REGULARISED_OPTIMIZERS:
+        p.error(f"argument {option}: {name} needs --optimizer {' or '.join(_REGULARISED_OPTIMIZERS)}, "
+                f"got {args.optimizer}")
+    if name != "none" and args.purify_score:
+        p.error(f"argument {option}: {name} does not combine with --purify-score")
+    return RegulariserConfig(name=name, **given)
+
+
 def main_train_classifier(argv: Sequence[str] | None = None) -> int:
     """``pursamere-fast train-classifier``: train a SmallCNN, measure test accuracy, export it."""
-    from pursamere_fast.nets import SmallCNN, load_net, save_net
+    from pursamere_fast.nets import ACTIVATIONS, SmallCNN, load_net, save_net
 
-    d = OptimizerConfig()
+    d, r = OptimizerConfig(), RegulariserConfig()
     p = ArgumentParser(prog="pursamere-fast train-classifier", formatter_class=_HelpFormatter,
                        description="Train a SmallCNN classifier (optionally with purified augmentation, a "
-                                   "SAM-family optimiser, a long-tailed training subset), measure its test "
+                                   "SAM-family optimiser, a local-flatness or gradient penalty or PGD "
+                                   "adversarial training, a long-tailed training subset), measure its test "
                                    "accuracy overall and per class, export it. The defaults reproduce the "
                                    "shipped Fashion-MNIST classifier.")
     common_args(p, lr_help=f"peak learning rate (default: {DEFAULT_LR['adam']:g} for adam, "
@@ -393,6 +513,26 @@ def main_train_classifier(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tail-threshold", type=integer(1), default=None,
                    help=f"imbsam, ssesam: tail classes have fewer training images than this "
                         f"(default: {d.tail_threshold})")
+    p.add_argument("--activation", choices=tuple(ACTIVATIONS), default="relu",
+                   help="SmallCNN's activation; lfr and gradpen train through input gradients, which a smooth "
+                        "one (softplus, gelu) suits: ReLU's second derivative is zero almost everywhere")
+    reg = p.add_mutually_exclusive_group()
+    reg.add_argument("--regulariser", choices=REGULARISERS, default=r.name,
+                     help="lfr: CE + lambda * local-flatness penalty (SPEC 10); gradpen: CE + lambda * the input "
+                          "gradient's l1 norm at the clean image (lfr's control); pgd-at: CE at linf PGD "
+                          "examples (Madry). Each needs --optimizer adam or sgd and no --purify-score")
+    reg.add_argument("--lfr", action="store_true", help="shorthand for --regulariser lfr")
+    p.add_argument("--reg-eps", type=real(0), default=None,
+                   help=f"linf radius of the inner maximisation, e.g. 8/255 (lfr, pgd-at; default: {r.eps:g}, "
+                        f"Fashion-MNIST's usual budget; SPEC 10's MNIST setting is 0.3)")
+    p.add_argument("--reg-alpha", type=real(0), default=None,
+                   help=f"its step size (lfr, pgd-at; default: {r.alpha:g}, SPEC 10's MNIST value)")
+    p.add_argument("--reg-steps", type=integer(0), default=None,
+                   help=f"its signed-gradient steps (lfr, pgd-at; default: {r.steps}; SPEC 10's MNIST setting "
+                        f"is 40); at 10 a training step costs ~20 plain ones with lfr, ~8 with pgd-at "
+                        f"(bench/bench_lfr.py)")
+    p.add_argument("--reg-lambda", type=real(0), default=None,
+                   help=f"weight of the penalty (lfr, gradpen; default: {r.lam:g}, SPEC 10's MNIST value)")
     p.add_argument("--imbalance-ratio", type=real(1), default=None,
                    help="train on a long-tailed subset: class c keeps floor(n_max * R^(-c/(C-1))) images "
                         "(n_max: the smallest class's count, C: the classes); the test set stays whole "
@@ -401,6 +541,7 @@ def main_train_classifier(argv: Sequence[str] | None = None) -> int:
                    help="chooses the images of the long-tailed subset (needs --imbalance-ratio; default: 0)")
     args = p.parse_args(argv)
     optimizer = _optimizer_from_args(p, args)
+    regulariser = _regulariser_from_args(p, args)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     if args.subset_seed is not None and args.imbalance_ratio is None:
@@ -431,13 +572,17 @@ def main_train_classifier(argv: Sequence[str] | None = None) -> int:
         print(f"note: {'no' if not tail else 'every'} class has fewer than {optimizer.tail_threshold} training "
               f"images (--tail-threshold), so {args.optimizer} has {'no tail' if not tail else 'no head'} group",
               file=sys.stderr)
+    if regulariser.name in ("lfr", "gradpen") and args.activation == "relu":
+        print(f"note: {regulariser.name} with --activation relu: the penalty's input gradient ignores where "
+              f"ReLUs switch (zero second derivative); SPEC 10 advises softplus or gelu", file=sys.stderr)
     torch.manual_seed(args.seed)
-    model = SmallCNN(images.shape[1], 10, args.width, images.shape[-1])
+    model = SmallCNN(images.shape[1], 10, args.width, images.shape[-1], activation=args.activation)
     t0 = time.time()
     try:
         result = train_classifier(model, images, labels, epochs=args.epochs, batch_size=args.batch_size,
                                   lr=args.lr, out_dir=args.out, seed=args.seed, purify_score=score,
-                                  purify_config=config, optimizer=optimizer, resume=not args.no_resume,
+                                  purify_config=config, optimizer=optimizer, regulariser=regulariser,
+                                  resume=not args.no_resume,
                                   checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
     except ResumeError as e:
         p.error(f"argument --out: {e}")
@@ -447,6 +592,7 @@ def main_train_classifier(argv: Sequence[str] | None = None) -> int:
     metrics = {"kind": "classifier", "args": vars(args), "steps": result.step,
                "seconds_this_invocation": round(seconds, 1), "test_accuracy": acc, "test_n": len(test_y),
                "purified_augmentation": bool(args.purify_score), "optimizer": optimizer.used(),
+               "regulariser": regulariser.used(), "activation": args.activation,
                "train_class_counts": counts, "tail_classes": tail, "test_accuracy_per_class": per_class,
                "test_class_counts": torch.bincount(torch.as_tensor(test_y), minlength=10).tolist()}
     Path(args.out, "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -1,11 +1,12 @@
-"""Baseline purifiers evaluated under the same harness: ADP-style score ascent.
+"""ADP-style score ascent, a baseline purifier evaluated under the same harness as PurSAMERE.
 
 ADP (Yoon, Hwang, Lee, ICML 2021, "Adversarial purification with score-based generative
 models"): inject Gaussian noise, then take a few deterministic score-ascent steps
 x <- x + alpha * sigma^2 * s(x, sigma). With alpha = 1 one step is Tweedie's denoiser at
 noise level sigma. Our variant draws one noise image (C, H, W) from a seeded CPU generator
 and shares it across the batch, as PurSAMERE does, so the purifier is deterministic given
-seed and batch invariant; `FreshNoisePurifier` turns it into the stochastic defence.
+seed and batch invariant; `pursamere_fast.attacks.FreshNoisePurifier` turns it into the stochastic
+defence.
 """
 
 from __future__ import annotations

@@ -1,0 +1,23 @@
+"""Every purifier other than the PurSAMERE loop, each with `Purifier`'s grad modes
+("none", "bpda", "full", ...; `pursamere_fast.purifier.GRAD_MODES`).
+
+- `adp.py`: `ADPPurifier`, ADP-style noise injection and score ascent (Yoon et al., 2021).
+- `hetero.py`: `HeteroPurifier`, heterogeneous-noise diffusion purification (Pei et al.,
+  CVPR 2025; SPEC 8): strong noise on the classifier's salient pixels, weak noise elsewhere,
+  DDIM back; with its building blocks `saliency_mask`, `saliency_map`, `ddim_step`.
+"""
+
+from .adp import ADPPurifier
+from .hetero import (
+    MASKS,
+    SALIENCY_STAGES,
+    HeteroNoise,
+    HeteroPurifier,
+    ddim_step,
+    saliency_map,
+    saliency_mask,
+    vp_alpha_bar,
+)
+
+__all__ = ["ADPPurifier", "HeteroPurifier", "HeteroNoise", "MASKS", "SALIENCY_STAGES", "saliency_map",
+           "saliency_mask", "ddim_step", "vp_alpha_bar"]
