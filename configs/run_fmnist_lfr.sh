@@ -15,6 +15,7 @@
 # run stopped half-way resumes from its checkpoint). Then the attacks:
 #   configs/run_fmnist_lfr.sh eval          # the suite at linf 0.1 and 8/255 on 500 test images
 #   configs/run_fmnist_lfr.sh purified      # LFR behind PurSAMERE (the adaptive suite, paired)
+#   configs/run_fmnist_lfr.sh purified standard   # the standard softplus network behind it
 # Run from the repository root with the virtual environment active:
 #   nohup configs/run_fmnist_lfr.sh train > /dev/null 2>&1 &
 set -u
@@ -104,22 +105,25 @@ evaluate_all() {
   done
 }
 
-# LFR behind PurSAMERE: configs/fmnist_suite.toml (the suite of docs/results.md) with the LFR
-# classifier in place of the shipped one, on the same test images (the first $N_PURIFIED), so
-# that it pairs image for image with runs/fmnist/final/suite's shipped-classifier rows.
+# A classifier behind PurSAMERE: configs/fmnist_suite.toml (the suite of docs/results.md) with
+# $OUT/<name>'s classifier in place of the shipped one, on the same test images (the first
+# $N_PURIFIED), so that it pairs image for image with runs/fmnist/final/suite's
+# shipped-classifier rows. "purified" runs LFR's; "purified standard" the standard softplus
+# network's, the control for what a small smooth classifier alone does behind PurSAMERE.
 purified() {
-  log "start purified lfr"
+  local name=${1:-lfr}
+  log "start purified $name"
   local t0=$(date +%s)
   timeout -k 30 "${B_PURIFIED:-3600}" pursamere-fast evaluate --config configs/fmnist_suite.toml \
-    --classifier "$OUT/lfr/classifier.safetensors" --defences pursamere --no-transfer \
-    --n "${N_PURIFIED:-70}" --out "$OUT/purified_lfr" \
-    > "$OUT/purified_lfr.log" 2>&1
-  log "end purified lfr rc=$? wall=$(( $(date +%s) - t0 ))s"
+    --classifier "$OUT/$name/classifier.safetensors" --defences pursamere --no-transfer \
+    --n "${N_PURIFIED:-70}" --out "$OUT/purified_$name" \
+    > "$OUT/purified_$name.log" 2>&1
+  log "end purified $name rc=$? wall=$(( $(date +%s) - t0 ))s"
 }
 
 case "${1:-train}" in
   train) train ;;
   eval) evaluate_all ;;
-  purified) purified ;;
+  purified) purified "${2:-lfr}" ;;
   *) echo "unknown job $1 (train, eval, purified)" >&2; exit 2 ;;
 esac

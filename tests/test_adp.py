@@ -6,6 +6,8 @@ import torch
 from pursamere_fast.attacks import toy
 from pursamere_fast.purifiers import ADPPurifier
 
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]
+
 
 def test_adp_deterministic_batch_invariant_and_grad_modes():
     score = toy.make_score().double()

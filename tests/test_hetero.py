@@ -431,3 +431,44 @@ def test_bad_inputs_name_the_argument():
         p(x, HeteroNoise(noise.init, noise.renoise, noise.forward[:, :1]))
     with pytest.raises(ValueError, match="mask"):
         p(x, mask=torch.ones(2, 1, 8, 8))
+
+
+def test_wide_resnet_stages_follow_robustbench_names():
+    """A miniature with RobustBench WideResNet's module names (4 blocks per stage, a final
+    ReLU): the registry finds the four layers the official code hooks."""
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv = nn.Conv2d(c, c, 3, padding=1)
+            self.relu2 = nn.Softplus()
+
+        def forward(self, x):
+            return self.relu2(self.conv(x))
+
+    class Stage(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.layer = nn.Sequential(*[Block(c) for _ in range(4)])
+
+        def forward(self, x):
+            return self.layer(x)
+
+    class WideResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 2, 3, padding=1)
+            self.block1, self.block2, self.block3 = Stage(2), Stage(2), Stage(2)
+            self.relu = nn.ReLU()
+            self.fc = nn.Linear(2, 3)
+
+        def forward(self, x):
+            h = self.relu(self.block3(nn.functional.avg_pool2d(self.block2(self.block1(self.conv1(x))), 2)))
+            return self.fc(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    wrn, x = WideResNet().double(), images(2)
+    stages = SALIENCY_STAGES["WideResNet"]
+    assert all(dict(wrn.named_modules()).get(name) is not None for name in stages)
+    assert torch.equal(saliency_map(wrn, x), saliency_map(wrn, x, stages=stages))
+    assert not torch.equal(saliency_map(wrn, x), saliency_map(wrn, x, stages=stages[:1]))

@@ -83,7 +83,13 @@ __all__ = ["HeteroPurifier", "HeteroNoise", "SALIENCY_STAGES", "MASKS", "salienc
 # The stage outputs whose activations make the saliency map, per classifier class name: the
 # last activation of each stage (for SmallCNN the ReLU before each MaxPool). Add an entry to
 # register another architecture, or pass `stages=` per call.
-SALIENCY_STAGES: dict[str, tuple[str, ...]] = {"SmallCNN": ("features.3", "features.8")}
+# WideResNet: the WRN-28-10 of the CIFAR-10 protocol with RobustBench's module names (4 blocks
+# per stage): each stage's last block's second ReLU, then the final ReLU, the layers the
+# official code hooks.
+SALIENCY_STAGES: dict[str, tuple[str, ...]] = {
+    "SmallCNN": ("features.3", "features.8"),
+    "WideResNet": ("block1.layer.3.relu2", "block2.layer.3.relu2", "block3.layer.3.relu2", "relu"),
+}
 MASKS = ("saliency", "random", "all")
 # The betas of SPEC 8; `HeteroPurifier` takes T only.
 BETA_MIN, BETA_MAX = 1e-4, 0.02

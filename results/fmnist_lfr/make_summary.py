@@ -47,9 +47,10 @@ def collect(out):
         run = os.path.join(out, "eval", name)
         if os.path.isdir(run) and os.path.exists(os.path.join(run, "manifest.json")):
             _copy(run, os.path.join(HERE, "eval", name))
-    purified = os.path.join(out, "purified_lfr")
-    if os.path.exists(os.path.join(purified, "manifest.json")):
-        _copy(purified, os.path.join(HERE, "purified_lfr"))
+    for name in ("lfr", "standard"):
+        purified = os.path.join(out, f"purified_{name}")
+        if os.path.exists(os.path.join(purified, "manifest.json")):
+            _copy(purified, os.path.join(HERE, f"purified_{name}"))
 
 
 def _summary(dest):
@@ -115,6 +116,8 @@ def main():
                 continue
             summary, rob = _summary(dest)
             (d,) = summary["defences"]
+            if not d["n"]:
+                continue
             robust[(name, eps_key)] = rob
             broke = " / ".join(str(m["broke"]) for m in d["members"] if m["member"] != CLEAN)
             per_epoch = t["seconds_this_invocation"] / t["args"]["epochs"] if t else None
@@ -135,19 +138,24 @@ def main():
                 out["paired"].append({"budget": eps_text, "a": "lfr", "b": other, **r})
                 lines.append(f"| {eps_text} | LFR | {LABELS[other]} | {r['n']} | {r['a']} | {r['b']} | {r['a_only']} "
                              f"| {r['b_only']} | {r['p']:.3g} |")
-    purified = os.path.join(HERE, "purified_lfr", "rows.jsonl.gz")
-    shipped = os.path.join(SHIPPED_SUITE, "rows.jsonl.gz")
-    if os.path.exists(purified) and os.path.exists(shipped):
-        a = _robust(_read(purified), "pursamere")
-        b = _robust(_read(shipped), "pursamere")
-        r = _paired(a, b)
-        out["purified"] = r
-        lines += ["", "LFR behind PurSAMERE (configs/fmnist_suite.toml's suite at linf 8/255, the same members and "
-                  "images) against the shipped classifier behind PurSAMERE:", "",
-                  "| n (both finished) | LFR + PurSAMERE robust | shipped + PurSAMERE robust | only LFR | only shipped "
-                  "| p |", "|---|---|---|---|---|---|",
-                  f"| {r['n']} | {_pct(r['a'], r['n'])} | {_pct(r['b'], r['n'])} | {r['a_only']} | {r['b_only']} "
-                  f"| {r['p']:.3g} |"]
+    behind = {"shipped": os.path.join(SHIPPED_SUITE, "rows.jsonl.gz")}
+    behind.update({name: os.path.join(HERE, f"purified_{name}", "rows.jsonl.gz") for name in ("lfr", "standard")})
+    behind = {k: _robust(_read(v), "pursamere") for k, v in behind.items() if os.path.exists(v)}
+    out["purified"] = []
+    rows_md = []
+    for a, b in (("lfr", "shipped"), ("standard", "shipped"), ("lfr", "standard")):
+        if a in behind and b in behind:
+            r = _paired(behind[a], behind[b])
+            if r["n"]:
+                out["purified"].append({"a": a, "b": b, **r})
+                rows_md.append(f"| {a} | {b} | {r['n']} | {_pct(r['a'], r['n'])} | {_pct(r['b'], r['n'])} "
+                               f"| {r['a_only']} | {r['b_only']} | {r['p']:.3g} |")
+    if rows_md:
+        lines += ["", "Classifiers behind PurSAMERE (configs/fmnist_suite.toml's suite at linf 8/255: the same members, "
+                  "images and PurSAMERE config; shipped = the shipped ReLU width-32 classifier, results/fmnist/suite), "
+                  "paired on the images both finished:", "",
+                  "| a + PurSAMERE | b + PurSAMERE | n | a robust % | b robust % | only a | only b | p |",
+                  "|---|---|---|---|---|---|---|---|"] + rows_md
     text = "\n".join(lines) + "\n"
     with open(os.path.join(HERE, "summary.md"), "w") as f:
         f.write(text)
