@@ -7,7 +7,8 @@ import torch
 
 from pursamere_fast import PurifyConfig
 from pursamere_fast.attacks import AttackSpec, Defence, main_evaluate, read_rows, toy
-from pursamere_fast.attacks.suite import default_suite, run_suite, summarise_suite, suite_markdown
+from pursamere_fast.attacks.suite import (CLEAN, default_suite, paired_robust, robust_per_image, run_suite,
+                                          summarise_suite, suite_markdown)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -217,3 +218,20 @@ def test_summary_of_a_stopped_run_from_its_shards(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "missing")])
     assert e.value.code == 2 and "out_dir" in capsys.readouterr().err
+
+
+def test_robust_per_image_and_paired_robust():
+    def row(defence, attack, index, broken=False, clean_correct=True):
+        return {"defence": defence, "attack": attack, "index": index, "broken": broken, "clean_correct": clean_correct}
+
+    rows = [row("a", CLEAN, 0), row("a", "m1", 0), row("a", "m2", 0, broken=True),
+            row("a", CLEAN, 1), row("a", "m1", 1), row("a", "m2", 1),
+            row("a", CLEAN, 2, clean_correct=False), row("a", "m1", 2), row("a", "m2", 2),
+            row("a", CLEAN, 3), row("a", "m1", 3),  # m2 unfinished: not judged
+            row("b", CLEAN, 0), row("b", "m1", 0), row("b", CLEAN, 1), row("b", "m1", 1, broken=True)]
+    assert robust_per_image(rows, "a") == {0: False, 1: True, 2: False}
+    assert robust_per_image(rows, "a", [CLEAN, "m1"]) == {0: True, 1: True, 2: False, 3: True}
+    b = robust_per_image(rows, "b")
+    assert b == {0: True, 1: False}
+    r = paired_robust(robust_per_image(rows, "a"), b)
+    assert r == {"n": 2, "a": 1, "b": 1, "a_only": 1, "b_only": 1, "p": 1.0}

@@ -31,7 +31,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -327,12 +327,41 @@ def summarise_suite(rows: Sequence[dict], defences: Sequence[str], members: Sequ
     paired = []
     for i, a in enumerate(defences):
         for b in defences[i + 1:]:
-            common = sorted(set(robust[a]) & set(robust[b]))
-            a_only = sum(robust[a][k] and not robust[b][k] for k in common)
-            b_only = sum(robust[b][k] and not robust[a][k] for k in common)
-            paired.append({"a": a, "b": b, "n": len(common), "a_only": a_only, "b_only": b_only,
-                           "p": mcnemar_exact(a_only, b_only)})
+            r = paired_robust(robust[a], robust[b])
+            paired.append({"a": a, "b": b, "n": r["n"], "a_only": r["a_only"], "b_only": r["b_only"], "p": r["p"]})
     return {"defences": out, "paired": paired, "cascade": cascade}
+
+
+def robust_per_image(rows: Sequence[dict], defence: str | None = None,
+                     members: Sequence[str] | None = None) -> dict[int, bool]:
+    """{index: robust} of one defence's suite rows: clean-correct and broken by no member.
+
+    Args:
+        rows: suite rows (any defences; those of other defences are ignored).
+        defence: the defence's name (None: every row).
+        members: count only these members (the clean row among them); None: all the defence
+            ran. Only images with a row for every counted member are returned.
+    """
+    by = {}
+    for r in rows:
+        if (defence is None or r["defence"] == defence) and (members is None or r["attack"] in members):
+            by.setdefault(r["index"], {})[r["attack"]] = r
+    wanted = set(members) if members is not None else {m for rs in by.values() for m in rs}
+    return {i: rs[CLEAN]["clean_correct"] and not any(r["broken"] for r in rs.values())
+            for i, rs in by.items() if set(rs) >= wanted}
+
+
+def paired_robust(a: Mapping[int, bool], b: Mapping[int, bool]) -> dict:
+    """Paired comparison of two {index: robust} maps on their common images (exact McNemar).
+
+    Returns:
+        {"n", "a", "b" (robust counts), "a_only", "b_only" (discordant pairs), "p"}.
+    """
+    common = sorted(set(a) & set(b))
+    a_only = sum(a[i] and not b[i] for i in common)
+    b_only = sum(b[i] and not a[i] for i in common)
+    return {"n": len(common), "a": sum(a[i] for i in common), "b": sum(b[i] for i in common), "a_only": a_only,
+            "b_only": b_only, "p": mcnemar_exact(a_only, b_only)}
 
 
 def _pct(acc, ci=None) -> str:

@@ -20,8 +20,8 @@ import sys
 import tempfile
 
 from pursamere_fast.attacks.runner import _all_rows
-from pursamere_fast.attacks.stats import mcnemar_exact, wilson_interval
-from pursamere_fast.attacks.suite import CLEAN, summarise_dir
+from pursamere_fast.attacks.stats import wilson_interval
+from pursamere_fast.attacks.suite import CLEAN, paired_robust, robust_per_image, summarise_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = ("standard", "gradpen", "pgdat", "lfr")
@@ -61,31 +61,12 @@ def _summary(dest):
         with open(os.path.join(tmp, "rows.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         summary = summarise_dir(tmp)
-    return summary, _robust(rows)
-
-
-def _robust(rows, defence=None):
-    """{index: robust} over the images every member of `defence` finished."""
-    by = {}
-    for r in rows:
-        if defence is None or r["defence"] == defence:
-            by.setdefault(r["index"], {})[r["attack"]] = r
-    members = {m for rs in by.values() for m in rs}
-    return {i: rs[CLEAN]["clean_correct"] and not any(r["broken"] for r in rs.values())
-            for i, rs in by.items() if set(rs) == members}
+    return summary, robust_per_image(rows)
 
 
 def _pct(k, n):
     lo, hi = wilson_interval(k, n)
     return f"{100 * k / n:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
-
-
-def _paired(a, b):
-    common = sorted(set(a) & set(b))
-    a_only = sum(a[i] and not b[i] for i in common)
-    b_only = sum(b[i] and not a[i] for i in common)
-    return {"n": len(common), "a": sum(a[i] for i in common), "b": sum(b[i] for i in common), "a_only": a_only,
-            "b_only": b_only, "p": mcnemar_exact(a_only, b_only)}
 
 
 def main():
@@ -134,18 +115,18 @@ def main():
     for eps_key, eps_text in BUDGETS.items():
         for other in ("standard", "gradpen", "pgdat"):
             if ("lfr", eps_key) in robust and (other, eps_key) in robust:
-                r = _paired(robust[("lfr", eps_key)], robust[(other, eps_key)])
+                r = paired_robust(robust[("lfr", eps_key)], robust[(other, eps_key)])
                 out["paired"].append({"budget": eps_text, "a": "lfr", "b": other, **r})
                 lines.append(f"| {eps_text} | LFR | {LABELS[other]} | {r['n']} | {r['a']} | {r['b']} | {r['a_only']} "
                              f"| {r['b_only']} | {r['p']:.3g} |")
     behind = {"shipped": os.path.join(SHIPPED_SUITE, "rows.jsonl.gz")}
     behind.update({name: os.path.join(HERE, f"purified_{name}", "rows.jsonl.gz") for name in ("lfr", "standard")})
-    behind = {k: _robust(_read(v), "pursamere") for k, v in behind.items() if os.path.exists(v)}
+    behind = {k: robust_per_image(_read(v), "pursamere") for k, v in behind.items() if os.path.exists(v)}
     out["purified"] = []
     rows_md = []
     for a, b in (("lfr", "shipped"), ("standard", "shipped"), ("lfr", "standard")):
         if a in behind and b in behind:
-            r = _paired(behind[a], behind[b])
+            r = paired_robust(behind[a], behind[b])
             if r["n"]:
                 out["purified"].append({"a": a, "b": b, **r})
                 rows_md.append(f"| {a} | {b} | {r['n']} | {_pct(r['a'], r['n'])} | {_pct(r['b'], r['n'])} "

@@ -20,8 +20,8 @@ import sys
 import tempfile
 
 from pursamere_fast.attacks.runner import _all_rows
-from pursamere_fast.attacks.stats import mcnemar_exact, wilson_interval
-from pursamere_fast.attacks.suite import CLEAN, summarise_dir, suite_markdown
+from pursamere_fast.attacks.stats import wilson_interval
+from pursamere_fast.attacks.suite import CLEAN, paired_robust, robust_per_image, summarise_dir, suite_markdown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUITE = os.path.join(HERE, "..", "suite")
@@ -51,18 +51,6 @@ def _summarise(run):
         return summarise_dir(tmp)
 
 
-def _robust(rows, defence, members=None):
-    """{index: robust} of `defence` over `members` (default: all it ran), on the images that
-    finished every one of them; robust = clean-correct and broken by none."""
-    by = {}
-    for r in rows:
-        if r["defence"] == defence and (members is None or r["attack"] in members):
-            by.setdefault(r["index"], {})[r["attack"]] = r
-    wanted = members or {m for rs in by.values() for m in rs}
-    return {i: rs[CLEAN]["clean_correct"] and not any(r["broken"] for r in rs.values())
-            for i, rs in by.items() if set(rs) >= set(wanted)}
-
-
 def _cpu(rows, defence, members=None):
     """CPU-seconds per image of `defence` over `members` (attacks that ran)."""
     images = {r["index"] for r in rows if r["defence"] == defence}
@@ -74,14 +62,6 @@ def _cpu(rows, defence, members=None):
 def _pct(k, n):
     lo, hi = wilson_interval(k, n)
     return f"{100 * k / n:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
-
-
-def _paired(a, b):
-    common = sorted(set(a) & set(b))
-    a_only = sum(a[i] and not b[i] for i in common)
-    b_only = sum(b[i] and not a[i] for i in common)
-    return {"n": len(common), "a": sum(a[i] for i in common), "b": sum(b[i] for i in common), "a_only": a_only,
-            "b_only": b_only, "p": mcnemar_exact(a_only, b_only)}
 
 
 def main():
@@ -96,11 +76,11 @@ def main():
     summary = _summarise("hetero")
     out["suite"] = summary
     lines += ["## The suite (configs/fmnist_suite_hetero.toml)", "", suite_markdown(summary)]
-    hetero_all = _robust(rows, "hetero")
+    hetero_all = robust_per_image(rows, "hetero")
     if os.path.exists(os.path.join(HERE, "hetero_controls_rows.jsonl.gz")):
         control_rows = _read(os.path.join(HERE, "hetero_controls_rows.jsonl.gz"))
         shared = sorted({r["attack"] for r in control_rows})
-        base = _robust(rows, "hetero", set(shared))
+        base = robust_per_image(rows, "hetero", set(shared))
         lines += ["## Controls (configs/fmnist_suite_hetero_controls.toml)", "",
                   f"Worst case over the members both runs have ({', '.join(m for m in shared if m != CLEAN)}), the "
                   "same images and per-image seeds; paired with the heterogeneous purifier (exact McNemar).", "",
@@ -109,12 +89,12 @@ def main():
         entries = []
         for name in ["hetero"] + sorted({r["defence"] for r in control_rows}):
             src = rows if name == "hetero" else control_rows
-            rob = base if name == "hetero" else _robust(control_rows, name)
+            rob = base if name == "hetero" else robust_per_image(control_rows, name)
             common = sorted(set(rob) & set(base))
             clean = sum(next(r for r in src if r["defence"] == name and r["index"] == i
                              and r["attack"] == CLEAN)["clean_correct"] for i in common)
             k = sum(rob[i] for i in common)
-            p = _paired(rob, base)
+            p = paired_robust(rob, base)
             entries.append({"defence": name, "n": len(common), "clean": clean, "robust": k, "paired": p,
                             "cpu_s": _cpu(src, name, set(shared))})
             pair = "-" if name == "hetero" else f"{p['a_only']} / {p['b_only']}, p = {p['p']:.3g}"
@@ -132,8 +112,8 @@ def main():
                   "| a | b | n | a robust % | b robust % | only a | only b | p |", "|---|---|---|---|---|---|---|---|"]
         out["versus"] = []
         for name in ("pursamere", "adp"):
-            rob = _robust(other, name)
-            p = _paired(hetero_all, rob)
+            rob = robust_per_image(other, name)
+            p = paired_robust(hetero_all, rob)
             out["versus"].append({"b": name, **p})
             lines.append(f"| heterogeneous | {name} | {p['n']} | {_pct(p['a'], p['n'])} | {_pct(p['b'], p['n'])} "
                          f"| {p['a_only']} | {p['b_only']} | {p['p']:.3g} |")
