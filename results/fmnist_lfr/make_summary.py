@@ -82,8 +82,8 @@ def main():
              "Setup: configs/run_fmnist_lfr.sh (SmallCNN width 8 with softplus, Adam 1e-3, batch 128, 2 epochs, "
              "seed 0; inner maximisation linf 0.1, 5 steps of 0.025; lambda 0.02). Attacks: the cascaded suite "
              "PGD-CE-100 (step eps/4), APGD-CE-100, APGD-DLR-100, then Square-1000 on what survived; the first n "
-             "images of the shipped 1,000-image test subset. Robust accuracy is the worst case over the suite, an upper bound, "
-             "with a Wilson 95% interval.", "",
+             "images of the shipped 1,000-image test subset. Robust accuracy is the worst case over the suite, an "
+             "upper bound, with a Wilson 95% interval.", "",
              "| classifier | test acc. (10,000) | train s/epoch | budget | n | clean % | robust % [95% CI] "
              "| broken by PGD / APGD-CE / APGD-DLR / Square after them |",
              "|---|---|---|---|---|---|---|---|"]
@@ -111,7 +111,8 @@ def main():
                 "test_accuracy": t["test_accuracy"], "seconds": t["seconds_this_invocation"],
                 "epochs": t["args"]["epochs"]}}
     lines += ["", "Paired (same images, exact McNemar on the worst case): robust counts and discordant pairs.", "",
-              "| budget | a | b | n | a robust | b robust | only a | only b | p |", "|---|---|---|---|---|---|---|---|---|"]
+              "| budget | a | b | n | a robust | b robust | only a | only b | p |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for eps_key, eps_text in BUDGETS.items():
         for other in ("standard", "gradpen", "pgdat"):
             if ("lfr", eps_key) in robust and (other, eps_key) in robust:
@@ -132,9 +133,9 @@ def main():
                 rows_md.append(f"| {a} | {b} | {r['n']} | {_pct(r['a'], r['n'])} | {_pct(r['b'], r['n'])} "
                                f"| {r['a_only']} | {r['b_only']} | {r['p']:.3g} |")
     if rows_md:
-        lines += ["", "Classifiers behind PurSAMERE (configs/fmnist_suite.toml's suite at linf 8/255: the same members, "
-                  "images and PurSAMERE config; shipped = the shipped ReLU width-32 classifier, results/fmnist/suite), "
-                  "paired on the images both finished:", "",
+        lines += ["", "Classifiers behind PurSAMERE (configs/fmnist_suite.toml's suite at linf 8/255: the same "
+                  "members, images and PurSAMERE config; shipped = the shipped ReLU width-32 classifier, "
+                  "results/fmnist/suite), paired on the images both finished:", "",
                   "| a + PurSAMERE | b + PurSAMERE | n | a robust % | b robust % | only a | only b | p |",
                   "|---|---|---|---|---|---|---|---|"] + rows_md
     text = "\n".join(lines) + "\n"

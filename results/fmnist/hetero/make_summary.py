@@ -69,9 +69,10 @@ def main():
         collect(sys.argv[1])
     out = {}
     lines = ["# Heterogeneous-noise purification on Fashion-MNIST (linf 8/255)", "",
-             "Setting chosen on validation images (sweep.md): t_l = 200, t_s = 100, U = 3, S = 100, tau = 0.9, majority "
-             "vote over R = 5 runs (100 score calls per prediction); the shipped VE score model through the VE-to-VP "
-             "adapter, saliency from the shipped SmallCNN. Robust accuracy is an upper bound from the attacks run.", ""]
+             "Setting chosen on validation images (sweep.md): t_l = 200, t_s = 100, U = 3, S = 100, tau = 0.9, "
+             "majority vote over R = 5 runs (100 score calls per prediction); the shipped VE score model through the "
+             "VE-to-VP adapter, saliency from the shipped SmallCNN. Robust accuracy is an upper bound from the attacks "
+             "run.", ""]
     rows = _read(os.path.join(HERE, "hetero_rows.jsonl.gz"))
     summary = _summarise("hetero")
     out["suite"] = summary
@@ -84,8 +85,8 @@ def main():
         lines += ["## Controls (configs/fmnist_suite_hetero_controls.toml)", "",
                   f"Worst case over the members both runs have ({', '.join(m for m in shared if m != CLEAN)}), the "
                   "same images and per-image seeds; paired with the heterogeneous purifier (exact McNemar).", "",
-                  "| defence | n | clean % | robust % [95% CI] | CPU-s / image (these members) | paired vs heterogeneous: "
-                  "only it / only heterogeneous, p |", "|---|---|---|---|---|---|"]
+                  "| defence | n | clean % | robust % [95% CI] | CPU-s / image (these members) "
+                  "| paired vs heterogeneous: only it / only heterogeneous, p |", "|---|---|---|---|---|---|"]
         entries = []
         for name in ["hetero"] + sorted({r["defence"] for r in control_rows}):
             src = rows if name == "hetero" else control_rows
