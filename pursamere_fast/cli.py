@@ -170,6 +170,7 @@ COMMANDS = {
     "demo": ("pursamere_fast.demo", "main"),
     "train-score": ("pursamere_fast.train", "main_train_score"),
     "train-classifier": ("pursamere_fast.train", "main_train_classifier"),
+    "score-quality": ("pursamere_fast.train.quality", "main"),
     "evaluate": ("pursamere_fast.attacks", "main_evaluate"),
     "sanity": ("pursamere_fast.attacks", "main_sanity"),
     "convergence": ("pursamere_fast.attacks.convergence", "main"),

@@ -6,6 +6,11 @@ argument, the directory in the environment variable ``PURSAMERE_FASHION_MNIST``,
 that is given is the one used: an explicit directory that lacks the files is an error rather
 than a silent fall-back to other files.
 
+`fashion_mnist_data` and `cifar10_data` give the evaluation images of the adaptive-evaluation
+protocol (docs/protocol.md) as tensors: the test set, or the validation split (the last
+`holdout` training images, which `train-score --holdout` and `train-classifier --holdout`
+keep out of training).
+
 CIFAR-10's python batches are pickles. They are read with a restricted unpickler that can
 build only numpy arrays and dtypes (besides the builtin containers, strings and numbers a
 pickle encodes without globals, and the latin-1 encoding by which Python 3 stores bytes in
@@ -239,6 +244,56 @@ def load_cifar10(root: str | os.PathLike, split: str = "train") -> tuple[np.ndar
     labels = np.concatenate([p[1] for p in parts])
     images = data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
     return images, labels
+
+
+PARTS = ("validation", "test")
+
+
+def _part(load, part: str, holdout: int):
+    """(images, labels) tensors of `part`: the test split, or the last `holdout` training images."""
+    import torch
+
+    checks.choice("part", part, PARTS)
+    images, labels = load("test" if part == "test" else "train")
+    if part == "validation":
+        holdout = checks.integer("holdout", holdout, 1, len(images))
+        images, labels = images[-holdout:], labels[-holdout:]
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.copy())
+
+
+def fashion_mnist_data(root: str | os.PathLike | None = None, part: str = "test", holdout: int = 5000):
+    """Fashion-MNIST images for `evaluate --data`: the test set, or the validation split.
+
+    Args:
+        root: as for `load_fashion_mnist`.
+        part: "test" (the 10,000 test images) or "validation": the last `holdout` training
+            images (`attacks.sweep.validation_split(holdout)`'s).
+        holdout: size of the validation split (part "validation" only).
+
+    Returns:
+        (images float32 (N, 1, 28, 28) in [0, 1], labels int64 (N,)) tensors, in file order.
+
+    Raises:
+        ValueError: bad part or holdout, or the loader's errors.
+    """
+    return _part(lambda split: load_fashion_mnist(split, root), part, holdout)
+
+
+def cifar10_data(root: str | os.PathLike, part: str = "test", holdout: int = 5000):
+    """CIFAR-10 images for `evaluate --data`: the test batch, or the validation split.
+
+    Args:
+        root: the CIFAR-10 directory (see `load_cifar10`).
+        part: "test" (the test batch) or "validation": the last `holdout` training images.
+        holdout: size of the validation split (part "validation" only).
+
+    Returns:
+        (images float32 (N, 3, 32, 32) in [0, 1], labels int64 (N,)) tensors, in file order.
+
+    Raises:
+        ValueError: bad part or holdout, or the loader's errors.
+    """
+    return _part(lambda split: load_cifar10(root, split), part, holdout)
 
 
 def save_fashion_mnist_subset(path: str | os.PathLike, n: int = 1000, split: str = "test",

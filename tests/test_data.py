@@ -119,7 +119,8 @@ def test_fashion_inconsistent_files(tmp_path):
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float32])
 def test_read_idx_dtypes(tmp_path, dtype):
-    arr = (np.arange(24).reshape(2, 3, 4) - 5).astype(dtype) if dtype != np.uint8 else np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    arr = ((np.arange(24).reshape(2, 3, 4) - 5).astype(dtype) if dtype != np.uint8
+           else np.arange(24, dtype=np.uint8).reshape(2, 3, 4))
     (tmp_path / "a.idx").write_bytes(idx_bytes(arr))
     out = read_idx(tmp_path / "a.idx")
     assert out.dtype == arr.dtype and out.dtype.isnative
@@ -256,3 +257,21 @@ def test_cifar_refuses_labels_that_are_not_a_list(tmp_path):
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": b"\x00\x01"}, f, protocol=2)
     with pytest.raises(ValueError, match="test_batch: b'labels' is bytes"):
         load_cifar10(tmp_path, "test")
+
+
+def test_evaluation_parts_are_the_test_set_or_the_last_training_images(tmp_path):
+    train_x, train_y = write_fashion(tmp_path, "train", n=6, seed=1)
+    test_x, _ = write_fashion(tmp_path, "test", n=4, seed=2)
+    x, y = data.fashion_mnist_data(tmp_path, "validation", holdout=2)
+    assert x.dtype.is_floating_point and x.shape == (2, 1, 28, 28)
+    np.testing.assert_array_equal(x[:, 0].numpy() * 255, train_x[-2:].astype(np.float32))
+    assert y.tolist() == train_y[-2:].tolist()
+    assert data.fashion_mnist_data(tmp_path)[0].shape == (4, 1, 28, 28)  # part "test" by default
+    batches = write_cifar(tmp_path / "cifar-10-batches-py", n=3)
+    x, y = data.cifar10_data(tmp_path, "validation", holdout=3)
+    assert x.shape == (3, 3, 32, 32) and y.tolist() == batches["data_batch_5"][b"labels"]
+    assert data.cifar10_data(tmp_path, "test")[0].shape == (3, 3, 32, 32)
+    with pytest.raises(ValueError, match="^part must"):
+        data.cifar10_data(tmp_path, "train")
+    with pytest.raises(ValueError, match="^holdout must"):
+        data.fashion_mnist_data(tmp_path, "validation", holdout=7)

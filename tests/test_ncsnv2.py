@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pursamere_fast.scores import NCSNv2, NCSNv2Score, load_ncsnv2
+from pursamere_fast.scores import NCSNv2, NCSNv2Score, load_ncsnv2, ncsnv2_score
 from pursamere_fast.scores.ncsnv2 import ConvMeanPool
 
 pytestmark = pytest.mark.numerics
@@ -272,3 +272,23 @@ def test_loading_is_weights_only(tmp_path, states, arch):
         torch.load(path, weights_only=True)
     torch.load(path, weights_only=False)
     assert _UNPICKLED == [True]
+
+
+def test_ncsnv2_score_reads_the_architecture_from_the_checkpoint():
+    score = ncsnv2_score(CHECKPOINT)
+    model = score.model
+    assert (model.ngf, model.channels, model.num_classes) == (16, 3, 232) and not score.training
+    reference = NCSNv2Score(load_ncsnv2(CHECKPOINT, ngf=16))
+    y, sigma = torch.rand(2, 3, 32, 32), torch.tensor([0.1, 0.5])
+    with torch.no_grad():
+        assert torch.equal(score(y, sigma), reference(y, sigma))
+
+
+def test_ncsnv2_score_refuses_other_files(tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        ncsnv2_score(text)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "dict.pth")
+    with pytest.raises(ValueError, match="official NCSNv2 layout"):
+        ncsnv2_score(tmp_path / "dict.pth")

@@ -10,7 +10,7 @@ from .adapters import (
     VPNoisePredictor,
     vp_alpha_bar,
 )
-from .ncsnv2 import NCSNv2, NCSNv2Score, load_ncsnv2
+from .ncsnv2 import NCSNv2, NCSNv2Score, load_ncsnv2, ncsnv2_score
 
 __all__ = ["ScoreFn", "NoisePredictionScore", "LabelIndexedScore", "NCSNv2", "NCSNv2Score", "load_ncsnv2",
-           "vp_alpha_bar", "NoisePredictor", "VPNoisePredictor", "NativeNoisePredictor"]
+           "ncsnv2_score", "vp_alpha_bar", "NoisePredictor", "VPNoisePredictor", "NativeNoisePredictor"]

@@ -14,7 +14,9 @@ Two ways to evaluate the network:
   `purify` and `Purifier` take.
 
 `load_ncsnv2` reads the official `checkpoint.pth` (`[model_state, optim_state, epoch, step,
-ema_shadow]`) with `torch.load(weights_only=True)`.
+ema_shadow]`) with `torch.load(weights_only=True)`; `ncsnv2_score(path)` reads the architecture
+from the file as well and returns the `NCSNv2Score` (the score factory of the CIFAR-10 protocol's
+configs and of `train-classifier --purify-score`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import nn
 
 from .. import checks
 
-__all__ = ["NCSNv2", "NCSNv2Score", "load_ncsnv2"]
+__all__ = ["NCSNv2", "NCSNv2Score", "load_ncsnv2", "ncsnv2_score"]
 
 
 class InstanceNorm2dPlus(nn.Module):
@@ -397,6 +399,45 @@ def load_ncsnv2(path: str | os.PathLike, *, image_size: int = 32, channels: int 
             for name, value in states[4].items():
                 params[name].copy_(value)
     return model.eval()
+
+
+def _ncsnv2_arch(path: str | os.PathLike) -> dict:
+    """NCSNv2's constructor arguments read from an official checkpoint's model_state, or {}
+    when the file does not have that layout (`load_ncsnv2` then says what is wrong)."""
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+        return {}
+    if not isinstance(states, (list, tuple)) or not states or not isinstance(states[0], Mapping):
+        return {}
+    state = {k.removeprefix("module."): v for k, v in states[0].items() if isinstance(k, str)}
+    conv, sigmas = state.get("begin_conv.weight"), state.get("sigmas")
+    if not (isinstance(conv, torch.Tensor) and conv.dim() == 4 and isinstance(sigmas, torch.Tensor)
+            and sigmas.dim() == 1 and len(sigmas)):
+        return {}
+    return {"ngf": conv.shape[0], "channels": conv.shape[1], "num_classes": len(sigmas),
+            "sigma_begin": float(sigmas[0]), "sigma_end": float(sigmas[-1])}
+
+
+def ncsnv2_score(path: str | os.PathLike, *, image_size: int = 32, use_ema: bool = True) -> NCSNv2Score:
+    """An official NCSNv2 checkpoint as a `score(y, sigma)` module, its architecture read from
+    the file: the width and channels from `begin_conv.weight`, the sigma ladder from the
+    `sigmas` buffer (so the real ngf-128 CIFAR-10 model and the ngf-16 test fixture load alike).
+
+    Args:
+        path: the official runner's checkpoint (`load_ncsnv2` reads it, weights only).
+        image_size: the images' side (32 for CIFAR-10; the file does not say it).
+        use_ema: the EMA weights (the paper's) or the raw ones.
+
+    Returns:
+        `NCSNv2Score` on the CPU, in eval mode.
+
+    Raises:
+        FileNotFoundError: no file at path.
+        ValueError: the file is not an official NCSNv2 checkpoint (`load_ncsnv2`'s message).
+    """
+    # The file is read twice: here for two shapes, then by load_ncsnv2, which checks all of it.
+    return NCSNv2Score(load_ncsnv2(path, image_size=image_size, use_ema=use_ema, **_ncsnv2_arch(path))).eval()
 
 
 def _check_state(model: nn.Module, state: Mapping, reference: Mapping[str, torch.Tensor], where: str) -> None:

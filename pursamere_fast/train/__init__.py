@@ -10,6 +10,8 @@
   `gradient_penalty`, and `pgd_examples` for adversarial training.
 - `longtail.py`: long-tailed subsets (`long_tailed_subset`) and the head/tail split.
 - `checkpoint.py`: the run directory every trainer keeps (checkpoint, loss log, plot).
+- `quality.py`: ``pursamere-fast score-quality``, score files side by side: Tweedie denoising
+  MSE, parameters, FLOPs and CPU cost per score evaluation and per purification.
 """
 
 from .checkpoint import (

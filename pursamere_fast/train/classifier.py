@@ -12,8 +12,11 @@ saving. A resume with other hyperparameters, optimiser or regulariser settings i
 `epochs` may grow, except where the schedule depends on it (cosine learning rate, SSE-SAM's
 phase switch at gamma * epochs).
 
-The defaults (Adam, constant learning rate, no weight decay, no regulariser) are the trainer
-that made the shipped Fashion-MNIST classifier, step for step.
+The defaults (Adam, constant learning rate, no weight decay, no regulariser, no augmentation,
+SmallCNN) are the trainer that made the shipped Fashion-MNIST classifier, step for step. The
+CIFAR-10 protocol (docs/protocol.md) trains a WideResNet with SGD, a cosine schedule, random
+crops and flips (`augment="crop-flip"`, drawn from a generator seeded by (seed, step)) and,
+for the augmented classifier, purified augmentation through an official NCSNv2 checkpoint.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from tqdm import tqdm
 from pursamere_fast import checks
 from pursamere_fast.cli import (
     ArgumentParser,
+    device,
     existing_file,
     integer,
     option_errors,
@@ -75,6 +79,10 @@ _FIELDS_USED = {
 DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05, "sam": 0.05, "imbsam": 0.05, "ssesam": 0.05}
 
 REGULARISERS = ("none", "lfr", "gradpen", "pgd-at")
+# The command line's networks: SmallCNN (the shipped Fashion-MNIST classifier's) and WideResNet
+# (the CIFAR-10 protocol's WRN-28-10, depth and width options).
+ARCHS = ("smallcnn", "wrn")
+WRN_DEPTH, WRN_WIDEN = 28, 10
 # The fields each regulariser reads besides its name; only these go into a checkpoint.
 _REGULARISER_FIELDS_USED = {"none": (), "lfr": ("eps", "alpha", "steps", "lam"), "gradpen": ("lam",),
                             "pgd-at": ("eps", "alpha", "steps")}
@@ -84,6 +92,13 @@ _REGULARISED_OPTIMIZERS = ("adam", "sgd")
 # The last word of the regulariser's (seed, step, 1) generator seed: SeedSequence pads with
 # zeros, so the data order's (seed, epoch), read as (seed, epoch, 0), never equals it.
 _REGULARISER_STREAM = 1
+# The same for the crops and flips of `augment="crop-flip"`: (seed, step, 2).
+_AUGMENT_STREAM = 2
+AUGMENTS = ("none", "crop-flip")
+# crop-flip: the standard CIFAR-10 augmentation (He et al. 2016; RobustBench's training
+# scripts): zero-pad 4 pixels per side, crop back to the input size at a uniform offset, flip
+# left-right with probability 1/2.
+_CROP_PAD = 4
 
 
 @dataclass(frozen=True)
@@ -222,16 +237,43 @@ class RegulariserConfig:
         return F.cross_entropy(model(x), y) + self.lam * penalty.mean()
 
 
+def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = _CROP_PAD) -> torch.Tensor:
+    """Random crops of the zero-padded images and random left-right flips, per image.
+
+    Args:
+        x: (B, C, H, W) images.
+        generator: CPU generator of the offsets (B of them in [0, 2 pad] per axis) and flips.
+        pad: zero padding per side.
+
+    Returns:
+        (B, C, H, W) on x's device: image b is padded[b, :, i_b:i_b + H, j_b:j_b + W], reversed
+        along W where flipped.
+    """
+    b, _, h, w = x.shape
+    offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    cols = torch.arange(w).expand(b, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    rows = (offsets[0, :, None] + torch.arange(h)).to(x.device)
+    cols = (offsets[1, :, None] + cols).to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    # One gather: out[b, c, i, j] = padded[b, c, rows[b, i], cols[b, j]].
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
 def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_size: int, lr: float,
                      out_dir: str | os.PathLike, seed: int, purify_score: Callable | None = None,
                      purify_config=None, optimizer: OptimizerConfig | None = None,
-                     regulariser: RegulariserConfig | None = None, resume: bool = True,
+                     regulariser: RegulariserConfig | None = None, augment: str = "none", resume: bool = True,
                      checkpoint_every: int = 200, progress: bool = True) -> TrainResult:
     """Train a classifier with cross-entropy, optionally with purified augmentation.
 
-    Each epoch visits the images in an order drawn from (seed, epoch). With `purify_score`, each
-    batch is also purified (PurSAMERE with SAM off, as the paper's classifier training) and the
-    loss is CE(clean) + CE(purified); the purification's own noise is fixed by the config's seed.
+    Each epoch visits the images in an order drawn from (seed, epoch). With `augment="crop-flip"`
+    each batch is first randomly cropped and flipped (`crop_flip`, generator seeded by
+    (seed, step)). With `purify_score`, each (augmented) batch is also purified (PurSAMERE with
+    SAM off, as the paper's classifier training) and the loss is CE(clean) + CE(purified); the
+    purification's own noise is fixed by the config's seed.
     With imbsam or ssesam the per-sample losses are split by class into L_H and L_T (each a sum
     over its samples divided by the batch size, SPEC 9); the tail classes are those with fewer
     than `optimizer.tail_threshold` samples in `labels`. The logged loss is the batch's mean
@@ -251,6 +293,7 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
         optimizer: the update rule (None: OptimizerConfig(), Adam at a constant `lr`).
         regulariser: RegulariserConfig (None: none); any but "none" needs optimizer adam or
             sgd and no `purify_score`.
+        augment: "none" or "crop-flip" (see above).
         resume: continue from `out_dir`'s checkpoint if there is one.
         checkpoint_every: steps between checkpoints (also at each epoch's end).
         progress: show a tqdm bar.
@@ -261,8 +304,8 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
     Raises:
         ValueError: bad arguments.
         ResumeError: (a ValueError) the checkpoint in `out_dir` was made with other
-            hyperparameters, optimiser or regulariser settings, for another model, or is past
-            `epochs`.
+            hyperparameters, optimiser, regulariser or augmentation settings, for another model,
+            or is past `epochs`.
     """
     images = _images(images)
     labels = checks.labels("labels", torch.as_tensor(labels), images.shape[0]).long()
@@ -278,6 +321,7 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
     regulariser = RegulariserConfig() if regulariser is None else regulariser
     if not isinstance(regulariser, RegulariserConfig):
         raise ValueError(f"regulariser must be a RegulariserConfig or None, got {type(regulariser).__name__}")  # noqa: TRY004
+    augment = checks.choice("augment", augment, AUGMENTS)
     regularised = regulariser.name != "none"
     if regularised and optimizer.name not in _REGULARISED_OPTIMIZERS:
         raise ValueError(f"regulariser {regulariser.name!r} needs optimizer {' or '.join(_REGULARISED_OPTIMIZERS)}, "
@@ -298,6 +342,8 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
         hparams["epochs"] = epochs
     if regularised:  # absent otherwise: runs from before the option still resume
         hparams["regulariser"] = regulariser.used()
+    if augment != "none":  # the same
+        hparams["augment"] = augment
     run = _Run(out_dir, "classifier", hparams, resume)
     opt = optimizer.build(model.parameters(), lr)
     n = images.shape[0]
@@ -330,6 +376,8 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
             perm_epoch, perm = epoch, torch.randperm(n, generator=_generator(seed, epoch))
         idx = perm[b * batch_size:(b + 1) * batch_size]
         x, y = images[idx].to(device), labels[idx].to(device)
+        if augment == "crop-flip":
+            x = crop_flip(x, _generator(seed, step, _AUGMENT_STREAM))
         x_pur = None
         if purify_score is not None:
             with torch.no_grad():
@@ -474,25 +522,74 @@ def _regulariser_from_args(p: argparse.ArgumentParser, args) -> RegulariserConfi
     return RegulariserConfig(name=name, **given)
 
 
+def _purify_score(path: str, channels: int, image_size: int) -> nn.Module:
+    """The --purify-score model: an official NCSNv2 checkpoint (.pth, .pt; its architecture read
+    from the file, at the training images' size) or a `save_net` file."""
+    from pursamere_fast.nets import load_net
+
+    if not path.endswith((".pth", ".pt")):
+        return load_net(path)
+    from pursamere_fast.scores import ncsnv2_score
+
+    score = ncsnv2_score(path, image_size=image_size)
+    if score.model.channels != channels:
+        raise ValueError(f"{path} is an NCSNv2 of {score.model.channels} channels, the images have {channels}")
+    return score
+
+
+def _arch_from_args(p: argparse.ArgumentParser, args) -> None:
+    """Check the network options against --arch and fill in the defaults that depend on it."""
+    if args.arch == "smallcnn":
+        for option in ("--wrn-depth", "--wrn-widen"):
+            if getattr(args, option[2:].replace("-", "_")) is not None:
+                p.error(f"argument {option}: does not apply to --arch smallcnn")
+        args.width = 32 if args.width is None else args.width
+        args.activation = "relu" if args.activation is None else args.activation
+        return
+    for option in ("--width", "--activation"):
+        if getattr(args, option[2:]) is not None:
+            p.error(f"argument {option}: does not apply to --arch wrn (its width is --wrn-widen, its "
+                    f"activation ReLU)")
+    args.activation = "relu"
+    args.wrn_depth = WRN_DEPTH if args.wrn_depth is None else args.wrn_depth
+    args.wrn_widen = WRN_WIDEN if args.wrn_widen is None else args.wrn_widen
+    if (args.wrn_depth - 4) % 6:
+        p.error(f"argument --wrn-depth: value must be 6n + 4 (10, 16, 22, 28, ...), got {args.wrn_depth}")
+
+
 def main_train_classifier(argv: Sequence[str] | None = None) -> int:
-    """``pursamere-fast train-classifier``: train a SmallCNN, measure test accuracy, export it."""
-    from pursamere_fast.nets import ACTIVATIONS, SmallCNN, load_net, save_net
+    """``pursamere-fast train-classifier``: train a SmallCNN or WideResNet, measure test accuracy, export it."""
+    from pursamere_fast.nets import ACTIVATIONS, SmallCNN, WideResNet, save_net
 
     d, r = OptimizerConfig(), RegulariserConfig()
     p = ArgumentParser(prog="pursamere-fast train-classifier", formatter_class=_HelpFormatter,
-                       description="Train a SmallCNN classifier (optionally with purified augmentation, a "
-                                   "SAM-family optimiser, a local-flatness or gradient penalty or PGD "
-                                   "adversarial training, a long-tailed training subset), measure its test "
-                                   "accuracy overall and per class, export it. The defaults reproduce the "
-                                   "shipped Fashion-MNIST classifier.")
+                       description="Train a classifier, a SmallCNN or a WideResNet (optionally with purified "
+                                   "augmentation, crops and flips, a SAM-family optimiser, a local-flatness or "
+                                   "gradient penalty or PGD adversarial training, a long-tailed training subset), "
+                                   "measure its test accuracy overall and per class, export it. The defaults "
+                                   "reproduce the shipped Fashion-MNIST classifier.")
+    # --width and --activation are None when not given, so that --arch wrn can refuse them.
     common_args(p, lr_help=f"peak learning rate (default: {DEFAULT_LR['adam']:g} for adam, "
-                           f"{DEFAULT_LR['sgd']:g} for the others)")
+                           f"{DEFAULT_LR['sgd']:g} for the others)",
+                width_default=None, width_help="SmallCNN's hidden channels (smallcnn; default: 32)")
     p.set_defaults(batch_size=128, lr=None)
+    p.add_argument("--arch", choices=ARCHS, default="smallcnn",
+                   help="smallcnn (--width, --activation) or wrn: WideResNet, RobustBench's module names "
+                        "(--wrn-depth, --wrn-widen)")
+    p.add_argument("--wrn-depth", type=integer(10), default=None,
+                   help=f"WideResNet depth 6n + 4 (wrn; default: {WRN_DEPTH})")
+    p.add_argument("--wrn-widen", type=integer(1), default=None,
+                   help=f"WideResNet widen factor (wrn; default: {WRN_WIDEN})")
+    p.add_argument("--augment", choices=AUGMENTS, default="none",
+                   help="crop-flip: pad 4, random crop, random left-right flip per image and step (the standard "
+                        "CIFAR-10 augmentation)")
+    p.add_argument("--device", type=device, default="cpu", help="where to train (cpu, cuda, cuda:<index>)")
     p.add_argument("--epochs", type=integer(1), default=4,
                    help="passes over the training set (a resumed run goes up to it)")
     p.add_argument("--checkpoint-every", type=integer(1), default=200, help="steps between checkpoints")
     p.add_argument("--purify-score", type=existing_file, default=None,
-                   help="score model file (safetensors from train-score) for purified augmentation")
+                   help="score model for purified augmentation: a safetensors file from train-score, or an "
+                        "official NCSNv2 checkpoint (.pth or .pt; its width and sigma ladder are read from it)")
     p.add_argument("--purify-config", default=None,
                    help="JSON object of PurifyConfig fields for the augmentation (sam_radius is forced to 0; "
                         "needs --purify-score)")
@@ -513,9 +610,9 @@ def main_train_classifier(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tail-threshold", type=integer(1), default=None,
                    help=f"imbsam, ssesam: tail classes have fewer training images than this "
                         f"(default: {d.tail_threshold})")
-    p.add_argument("--activation", choices=tuple(ACTIVATIONS), default="relu",
-                   help="SmallCNN's activation; lfr and gradpen train through input gradients, which a smooth "
-                        "one (softplus, gelu) suits: ReLU's second derivative is zero almost everywhere")
+    p.add_argument("--activation", choices=tuple(ACTIVATIONS), default=None,
+                   help="SmallCNN's activation (default: relu); lfr and gradpen train through input gradients, "
+                        "which a smooth one (softplus, gelu) suits: ReLU's second derivative is zero almost everywhere")
     reg = p.add_mutually_exclusive_group()
     reg.add_argument("--regulariser", choices=REGULARISERS, default=r.name,
                      help="lfr: CE + lambda * local-flatness penalty (SPEC 10); gradpen: CE + lambda * the input "
@@ -540,18 +637,17 @@ def main_train_classifier(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--subset-seed", type=random_seed, default=None,
                    help="chooses the images of the long-tailed subset (needs --imbalance-ratio; default: 0)")
     args = p.parse_args(argv)
+    _arch_from_args(p, args)
     optimizer = _optimizer_from_args(p, args)
     regulariser = _regulariser_from_args(p, args)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     if args.subset_seed is not None and args.imbalance_ratio is None:
         p.error("argument --subset-seed: needs --imbalance-ratio")
-    score = config = None
+    config = None
     if args.purify_score:
         from pursamere_fast import PurifyConfig
 
-        with option_errors(p, "--purify-score"):
-            score = load_net(args.purify_score)
         with option_errors(p, "--purify-config"):
             fields = json.loads(args.purify_config or "{}")
             if not isinstance(fields, dict):  # option_errors turns a ValueError into the one-line error
@@ -562,6 +658,10 @@ def main_train_classifier(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     (images, labels), (test_x, test_y) = load_datasets(p, args)
+    score = None
+    if args.purify_score:
+        with option_errors(p, "--purify-score"):
+            score = _purify_score(args.purify_score, images.shape[1], images.shape[-1]).to(args.device)
     if args.imbalance_ratio is not None:
         with option_errors(p, "--imbalance-ratio"):
             keep = long_tailed_subset(labels, args.imbalance_ratio, args.subset_seed or 0)
@@ -576,13 +676,17 @@ def main_train_classifier(argv: Sequence[str] | None = None) -> int:
         print(f"note: {regulariser.name} with --activation relu: the penalty's input gradient ignores where "
               f"ReLUs switch (zero second derivative); SPEC 10 advises softplus or gelu", file=sys.stderr)
     torch.manual_seed(args.seed)
-    model = SmallCNN(images.shape[1], 10, args.width, images.shape[-1], activation=args.activation)
+    if args.arch == "wrn":
+        model = WideResNet(args.wrn_depth, args.wrn_widen, 10, images.shape[1])
+    else:
+        model = SmallCNN(images.shape[1], 10, args.width, images.shape[-1], activation=args.activation)
+    model = model.to(args.device)
     t0 = time.time()
     try:
         result = train_classifier(model, images, labels, epochs=args.epochs, batch_size=args.batch_size,
                                   lr=args.lr, out_dir=args.out, seed=args.seed, purify_score=score,
                                   purify_config=config, optimizer=optimizer, regulariser=regulariser,
-                                  resume=not args.no_resume,
+                                  augment=args.augment, resume=not args.no_resume,
                                   checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
     except ResumeError as e:
         p.error(f"argument --out: {e}")
@@ -593,7 +697,9 @@ def main_train_classifier(argv: Sequence[str] | None = None) -> int:
                "seconds_this_invocation": round(seconds, 1), "test_accuracy": acc, "test_n": len(test_y),
                "purified_augmentation": bool(args.purify_score), "optimizer": optimizer.used(),
                "regulariser": regulariser.used(), "activation": args.activation,
-               "train_class_counts": counts, "tail_classes": tail, "test_accuracy_per_class": per_class,
+               "arch": type(result.model).__name__, "arch_config": result.model.config, "augment": args.augment,
+               "train_n": len(labels), "train_class_counts": counts, "tail_classes": tail,
+               "test_accuracy_per_class": per_class,
                "test_class_counts": torch.bincount(torch.as_tensor(test_y), minlength=10).tolist()}
     Path(args.out, "metrics.json").write_text(json.dumps(metrics, indent=2))
     save_net(result.model, Path(args.out) / "classifier.safetensors", {"training": json.dumps(metrics)})

@@ -1,0 +1,275 @@
+"""Quality and cost of score models side by side: ``pursamere-fast score-quality`` (issue 13).
+
+For each score file (`nets.save_net` safetensors) it measures
+- Tweedie denoising: per-pixel MSE of x_hat = y + sigma^2 s(y, sigma) against the clean image,
+  y = x + sigma z, on the first n Fashion-MNIST test images (or the last n training images,
+  the validation split, with ``--split validation``), at sigma 0.01, 0.05, 0.1, 0.25, 0.5
+  (`evaluate_denoiser`, one z per image from the seed, the same z for every sigma and score);
+- its size: parameters, and FLOPs of one score forward + input-gradient backward per image
+  (torch's FlopCounterMode; convolutions and matrix products only);
+- its cost on this CPU: ms per image of one score evaluation with its input gradient (the
+  forward and the input-only backward that purification runs per step and sample), run the
+  way `purify` runs it (`purify.score_plan`: channels_last on the CPU), at batch `--batch`;
+  and ms per image of one whole `purify` call with the shipped Fashion-MNIST config.
+
+Every score is timed in alternation with the others, round after round (the starting score
+rotating), and each figure is the median over rounds, so a change of machine load hits all of
+them alike; the ratio columns divide by the first score's figures (the baseline). Absolute ms
+depend on the machine and its load; the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pursamere_fast import checks
+from pursamere_fast.cli import ArgumentParser, existing_file, integer, option_errors, random_seed
+
+from .score import evaluate_denoiser
+
+SIGMAS = (0.01, 0.05, 0.1, 0.25, 0.5)
+# The sigma of the timed score calls; the cost of the networks here does not depend on it.
+_TIMING_SIGMA = 0.1
+
+
+def flops_per_image(score: nn.Module, image_shape: Sequence[int]) -> int:
+    """FLOPs of one score forward + input-gradient backward on one image (frozen weights, so
+    the backward is the input gradient only, as in purification)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    frozen = copy.deepcopy(score).requires_grad_(False)
+    y = torch.rand(1, *image_shape).requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:  # (it cannot count under torch.autograd.grad)
+        frozen(y, torch.full((1,), _TIMING_SIGMA)).sum().backward()
+    return counter.get_total_flops()
+
+
+def _alternating(calls: Sequence[Callable[[], None]], repeats: int) -> list[float]:
+    """Median seconds of each call, timed `repeats` rounds in alternation after one warm-up
+    round; round r starts with call r mod len(calls)."""
+    for call in calls:
+        call()
+    times: list[list[float]] = [[] for _ in calls]
+    for r in range(repeats):
+        for j in range(len(calls)):
+            i = (r + j) % len(calls)
+            t0 = time.perf_counter()
+            calls[i]()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def _prepared(score: nn.Module, image_shape: Sequence[int]):
+    # As purify runs it on the CPU: its score_plan, applied by graphs.prepare_score (which
+    # converts the module to channels_last in place when the plan says so).
+    from pursamere_fast import graphs
+    from pursamere_fast.purify import score_plan
+
+    plan = score_plan(score, image_shape, torch.device("cpu"))
+    return graphs.prepare_score(score, graphs.ScoreOptions(channels_last=plan["channels_last"]))
+
+
+def score_eval_ms(scores: Sequence[nn.Module], image_shape: Sequence[int], *, batch: int = 64,
+                  repeats: int = 9) -> list[float]:
+    """CPU ms per image of one score forward + input-gradient backward at `batch` rows, for
+    each score, timed in alternation (`repeats` rounds, median). The scores should be frozen
+    (requires_grad False) as purification's are; channels_last is applied in place."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(batch, *image_shape, generator=g)
+    upstream = torch.randn(batch, *image_shape, generator=g)
+    sigma = torch.full((batch,), _TIMING_SIGMA)
+
+    def call(fn):
+        def run():
+            yy = y.detach().requires_grad_(True)
+            torch.autograd.grad(fn(yy, sigma), yy, upstream)
+        return run
+
+    seconds = _alternating([call(_prepared(s, image_shape)) for s in scores], repeats)
+    return [1e3 * t / batch for t in seconds]
+
+
+def purify_ms(scores: Sequence[nn.Module], images: torch.Tensor, config, *, repeats: int = 3) -> list[float]:
+    """CPU ms per image of one `purify(images, score, config)` call (default backend and score
+    plan) for each score, timed in alternation (`repeats` rounds, median)."""
+    from pursamere_fast import purify
+
+    def call(score):
+        return lambda: purify(images, score, config)
+
+    return [1e3 * t / len(images) for t in _alternating([call(s) for s in scores], repeats)]
+
+
+def shipped_config():
+    """The shipped Fashion-MNIST PurifyConfig (pursamere_fast.pretrained's JSON)."""
+    from pursamere_fast import PurifyConfig
+    from pursamere_fast.pretrained import recommended_config_dict
+
+    fields = recommended_config_dict()
+    fields["sigmas"] = tuple(fields["sigmas"])
+    return PurifyConfig(**fields)
+
+
+def _training_steps(path) -> int | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        training = (f.metadata() or {}).get("training")
+    return json.loads(training).get("steps") if training else None
+
+
+def _ratio(base: float, value: float) -> float:
+    return base / value if value > 0 else float("inf")
+
+
+def quality_rows(paths: Sequence[str], scores: Sequence[nn.Module], images: torch.Tensor, *, seed: int = 0,
+                 batch: int = 64, repeats: int = 9, purify_images: int = 64, purify_repeats: int = 3,
+                 config=None) -> list[dict]:
+    """One row per score: denoising MSEs, size, cost, and ratios against the first score.
+
+    Args:
+        paths: a label per score (its file).
+        scores: score modules (frozen and converted to channels_last in place by the timing).
+        images: clean (n, C, H, W) images for the denoising figures; the first
+            `purify_images` of them are purified for the purify timing.
+        seed: seed of the denoising noise z.
+        batch, repeats: rows per timed score evaluation, rounds of its timing.
+        purify_images, purify_repeats: images per timed purify call, rounds of its timing.
+        config: PurifyConfig of the purify timing (None: `shipped_config()`).
+
+    Returns:
+        Dicts with score, arch, arch_config, params, mflop_per_image, tweedie_mse and
+        noisy_mse ({sigma: MSE}), mse_gain ({sigma: first score's MSE / this one's}: above 1
+        is better), score_ms_per_image, score_cost_ratio, purify_ms_per_image,
+        purify_cost_ratio (this / first's).
+
+    Raises:
+        ValueError: no scores, paths and scores of other lengths, a count < 1 (naming it), or
+            evaluate_denoiser's (bad images).
+    """
+    if not scores or len(paths) != len(scores):
+        raise ValueError(f"scores must be a non-empty sequence with one entry of paths each, got {len(scores)} "
+                         f"scores and {len(paths)} paths")
+    for name, value in (("batch", batch), ("repeats", repeats), ("purify_images", purify_images),
+                        ("purify_repeats", purify_repeats)):
+        checks.integer(name, value, 1)
+    config = shipped_config() if config is None else config
+    shape = tuple(images.shape[1:])
+    rows = []
+    for path, score in zip(paths, scores):
+        score.requires_grad_(False)
+        denoise = evaluate_denoiser(score, images, SIGMAS, seed=seed)
+        rows.append({"score": str(path), "arch": type(score).__name__, "arch_config": getattr(score, "config", None),
+                     "training_steps": _training_steps(path),
+                     "params": sum(p.numel() for p in score.parameters()),
+                     "mflop_per_image": flops_per_image(score, shape) / 1e6, "n": images.shape[0], "seed": seed,
+                     "tweedie_mse": {s: v["tweedie_mse"] for s, v in denoise.items()},
+                     "noisy_mse": {s: v["noisy_mse"] for s, v in denoise.items()}})
+    score_ms = score_eval_ms(scores, shape, batch=batch, repeats=repeats)
+    pur_ms = purify_ms(scores, images[:purify_images], config, repeats=purify_repeats)
+    base = rows[0]
+    for row, t_score, t_pur in zip(rows, score_ms, pur_ms):
+        row["mse_gain"] = {s: _ratio(base["tweedie_mse"][s], v) for s, v in row["tweedie_mse"].items()}
+        row.update(score_ms_per_image=t_score, score_cost_ratio=t_score / score_ms[0],
+                   purify_ms_per_image=t_pur, purify_cost_ratio=t_pur / pur_ms[0])
+    return rows
+
+
+def markdown(rows: Sequence[dict], setup: str) -> str:
+    """The rows as a markdown table, `setup` (what was measured how) above it."""
+    head = ("| score | arch | steps | params | MFLOP/img | "
+            + " | ".join(f"MSE sigma={s:g} (gain)" for s in SIGMAS)
+            + " | score eval ms/img (x) | purify ms/img (x) |\n")
+    sep = "|" + "---|" * (5 + len(SIGMAS) + 2) + "\n"
+    lines = []
+    for r in rows:
+        mse = " | ".join(f"{r['tweedie_mse'][s]:.3g} ({r['mse_gain'][s]:.2f}x)" for s in SIGMAS)
+        steps = "" if r["training_steps"] is None else str(r["training_steps"])
+        lines.append(f"| {r['score']} | {r['arch']} {json.dumps(r['arch_config'])} | {steps} | {r['params']:,} | "
+                     f"{r['mflop_per_image']:.1f} | {mse} | {r['score_ms_per_image']:.2f} "
+                     f"({r['score_cost_ratio']:.2f}x) | {r['purify_ms_per_image']:.1f} "
+                     f"({r['purify_cost_ratio']:.2f}x) |")
+    return setup + "\n\n" + head + sep + "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``pursamere-fast score-quality``: denoising quality and CPU cost of score files, side by side."""
+    from pursamere_fast.data import load_fashion_mnist
+    from pursamere_fast.nets import load_net
+
+    p = ArgumentParser(prog="pursamere-fast score-quality", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Tweedie denoising MSE (against the clean image) at sigma "
+                                   + ", ".join(f"{s:g}" for s in SIGMAS)
+                                   + ", parameters, FLOPs and CPU cost (score evaluation with its input gradient; "
+                                     "one purify call with the shipped Fashion-MNIST config) of each score file, "
+                                     "with ratios against the first one.")
+    p.add_argument("--score", action="append", type=existing_file, required=True,
+                   help="a score file written by save_net (repeat the option; the first is the baseline)")
+    p.add_argument("--n", type=integer(1), default=1000, help="images for the denoising figures")
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="test: the first --n test images; validation: the last --n training images "
+                        "(the held-out validation split, for choosing between candidates)")
+    p.add_argument("--data-root", default=None,
+                   help="Fashion-MNIST directory (default: $PURSAMERE_FASHION_MNIST, "
+                        "then /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--seed", type=random_seed, default=0, help="seed of the denoising noise z")
+    p.add_argument("--out", default=None, help="directory for quality.json and quality.md (default: print only)")
+    p.add_argument("--threads", type=integer(1), default=1, help="torch CPU threads for every measurement")
+    p.add_argument("--batch", type=integer(1), default=64, help="rows per timed score evaluation")
+    p.add_argument("--repeats", type=integer(1), default=9, help="timed rounds of the score evaluations (median)")
+    p.add_argument("--purify-images", type=integer(1), default=None,
+                   help="images per timed purify call (the first of the --n; 64 or --n if fewer, if not given)")
+    p.add_argument("--purify-repeats", type=integer(1), default=3, help="timed rounds of the purify calls (median)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with option_errors(p, "--data-root"):
+        pool, _ = load_fashion_mnist("test" if args.split == "test" else "train", args.data_root)
+    if args.n > len(pool):
+        p.error(f"argument --n: value must be at most the {len(pool)} images of the {args.split} pool, got {args.n}")
+    if args.purify_images is None:
+        args.purify_images = min(64, args.n)
+    if args.purify_images > args.n:
+        p.error(f"argument --purify-images: value must be at most --n ({args.n}), got {args.purify_images}")
+    # validation: the last n training images, exactly attacks.sweep.validation_split(n)'s.
+    images = torch.from_numpy((pool[:args.n] if args.split == "test" else pool[-args.n:]).copy())
+    scores = []
+    for path in args.score:
+        with option_errors(p, "--score"):
+            score = load_net(path)
+            with torch.no_grad():
+                try:
+                    out = score(images[:1], torch.full((1,), 0.1))
+                except RuntimeError as e:  # e.g. a conv built for other channels
+                    raise ValueError(f"{path} does not take {tuple(images.shape[1:])} images: {e}") from None
+            if out.shape != images[:1].shape:
+                raise ValueError(f"{path} returns shape {tuple(out.shape)} for {tuple(images[:1].shape)} images")
+        scores.append(score)
+    rows = quality_rows(args.score, scores, images, seed=args.seed, batch=args.batch, repeats=args.repeats,
+                        purify_images=args.purify_images, purify_repeats=args.purify_repeats)
+    setup = (f"Fashion-MNIST {args.split} images: n = {len(images)} (seed {args.seed}); CPU cost: "
+             f"{torch.get_num_threads()} thread(s), {torch.backends.cpu.get_cpu_capability()}, "
+             f"torch {torch.__version__}, "
+             f"score evaluation (forward + input gradient) at batch {args.batch}, median of {args.repeats} rounds; "
+             f"purify: {args.purify_images} images, shipped config, median of {args.purify_repeats} rounds; "
+             f"timed in alternation; (x) = ratio to the first row; (gain) = first row's MSE / this MSE.")
+    table = markdown(rows, setup)
+    if args.out:
+        out = Path(args.out)
+        with option_errors(p, "--out"):
+            out.mkdir(parents=True, exist_ok=True)
+            payload = {"setup": setup, "split": args.split, "threads": torch.get_num_threads(),
+                       "rows": [{**r, **{k: {str(s): v for s, v in r[k].items()}
+                                         for k in ("tweedie_mse", "noisy_mse", "mse_gain")}} for r in rows]}
+            (out / "quality.json").write_text(json.dumps(payload, indent=2))
+            (out / "quality.md").write_text(table)
+    print(table, end="")
+    return 0
