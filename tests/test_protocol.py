@@ -402,8 +402,9 @@ MAIN = ["none", "pursamere-sam-rho8", "pursamere-sam-rho12", "pursamere-sam-rho1
         "pursamere-nosam-rho12", "pursamere-nosam-rho16", "adp"]
 
 
-def test_smoke_test_rows_for_every_defence_and_member(smoke_run):
-    out = smoke_run["out"]
+def _test_suites(out):
+    """Check both classifiers' main and bpda200 rows; return their suite summaries' defences."""
+    defences = []
     for clf in ("clean", "aug"):
         main = json.loads((out / "test" / clf / "main" / "summary.json").read_text())["settings"]
         assert {(e["defence"], e["threat"]) for e in main} == {(d, t) for d in MAIN for t in ("clean", "gpgd", "bpda")}
@@ -415,6 +416,13 @@ def test_smoke_test_rows_for_every_defence_and_member(smoke_run):
         assert [e["defence"] for e in suite["defences"]] == ["pursamere-sam", "pursamere-nosam", "adp"]
         for e in suite["defences"]:
             assert e["n"] == 4 and len(e["members"]) == 8  # 7 attacks and the transfer
+        defences += suite["defences"]
+    return defences
+
+
+def test_smoke_test_rows_for_every_defence_and_member(smoke_run):
+    out = smoke_run["out"]
+    _test_suites(out)
     report = (out / "report.md").read_text()
     assert report.count("classifier: suite") == 2 and "train_aug" in report
 
@@ -593,19 +601,10 @@ def test_fmnist_smoke_test_rows_for_every_defence_and_member(fmnist_run):
     for name in ("fmnist_test_main.toml", "fmnist_test_bpda200.toml", "fmnist_test_suite.toml"):
         adp = [d for d in load_toml(out / "configs" / name)["defence"] if d["kind"] == "adp"]
         assert adp == [{**chosen_adp, "name": "adp", "kind": "adp", **FMNIST["smoke"]["adp"]}], name
+    for e in _test_suites(out):
+        # The smoke classifier gets the one-class set right, so every member attacked all 4.
+        assert [m["ran"] for m in e["members"]] == [4] * 8
     for clf in ("clean", "aug"):
-        main = json.loads((out / "test" / clf / "main" / "summary.json").read_text())["settings"]
-        assert {(e["defence"], e["threat"]) for e in main} == {(d, t) for d in MAIN for t in ("clean", "gpgd", "bpda")}
-        bpda = json.loads((out / "test" / clf / "bpda200" / "summary.json").read_text())["settings"]
-        assert {(e["defence"], e["norm"]) for e in bpda if e["threat"] == "bpda"} == {
-            (d, n) for d in ("none", "pursamere-sam", "pursamere-nosam", "adp") for n in ("linf", "l2", "l1")}
-        assert {e["n"] for e in main + bpda} == {4}
-        suite = json.loads((out / "test" / clf / "suite" / "summary.json").read_text())
-        assert [e["defence"] for e in suite["defences"]] == ["pursamere-sam", "pursamere-nosam", "adp"]
-        for e in suite["defences"]:
-            assert e["n"] == 4 and len(e["members"]) == 8  # 7 attacks and the transfer
-            # The smoke classifier gets the one-class set right, so every member attacked all 4.
-            assert [m["ran"] for m in e["members"]] == [4] * 8
         rows = read_rows(out / "test" / clf / "suite" / "rows.jsonl")
         assert {r["index"] for r in rows} == set(range(4))  # the first 4 test images
     report = (out / "report.md").read_text()
