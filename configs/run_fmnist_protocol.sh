@@ -25,7 +25,7 @@
 #                  the clean and the augmented classifier; then OUT_DIR/report.md.
 # Rerunning the same command continues: training resumes from its checkpoint, evaluations skip
 # the rows already on disk (flushed per batch), and a run with other settings or weights is
-# refused rather than mixed in. CPU cost per stage: configs/fmnist_protocol.toml (about 90
+# refused rather than mixed in. CPU cost per stage: configs/fmnist_protocol.toml (about 115
 # CPU-hours at the cheapest choice).
 # --smoke: the identical pipeline at toy size ([smoke] of configs/fmnist_protocol.toml), for a
 # synthetic Fashion-MNIST directory (tests/test_protocol.py).

@@ -70,6 +70,7 @@ def test_writes_evaluate_denoisers_figures_and_the_table(setup, split, capsys):
     assert len(rows) == 4 and len({line.count("|") for line in rows}) == 1  # header, rule, two scores
     assert all(f"sigma={s:g}" in rows[0] for s in SIGMAS) and "ms/img" in rows[0]
     assert str(paths[1]) in rows[3] and "UNetScoreNet" in rows[3] and f"{base['params']:,}" in rows[2]
+    assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_without_out_prints_only(setup, capsys):

@@ -15,7 +15,8 @@ For each score file (`nets.save_net` safetensors) it measures
 Every score is timed in alternation with the others, round after round (the starting score
 rotating), and each figure is the median over rounds, so a change of machine load hits all of
 them alike; the ratio columns divide by the first score's figures (the baseline). Absolute ms
-depend on the machine and its load; the ratios are what to compare.
+depend on the machine and its load; the ratios are what to compare. With ``--out`` the table is
+written as quality.json and quality.md, and quality.png plots MSE and gain against sigma.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -201,6 +203,30 @@ def markdown(rows: Sequence[dict], setup: str) -> str:
     return setup + "\n\n" + head + sep + "\n".join(lines) + "\n"
 
 
+def plot_quality(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """PNG of the rows: Tweedie MSE against sigma (the noisy input's dashed) and each score's
+    gain over the first, log axes (matplotlib, Agg, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    mse, gain = fig.subplots(1, 2)
+    sigmas = list(rows[0]["tweedie_mse"])
+    mse.plot(sigmas, [rows[0]["noisy_mse"][s] for s in sigmas], "k--", lw=1, label="noisy input")
+    for r in rows:
+        label = f"{r['arch']} ({os.path.basename(r['score'])})"
+        mse.plot(sigmas, [r["tweedie_mse"][s] for s in sigmas], "o-", label=label)
+        gain.plot(sigmas, [r["mse_gain"][s] for s in sigmas], "o-", label=label)
+    mse.set(xscale="log", yscale="log", xlabel="sigma", ylabel="per-pixel MSE against the clean image",
+            title=f"Tweedie denoising, n = {rows[0]['n']}")
+    gain.axhline(1.0, color="k", lw=0.5)
+    gain.set(xscale="log", xlabel="sigma", ylabel="first row's MSE / this MSE", title="gain over the first score")
+    mse.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``pursamere-fast score-quality``: denoising quality and CPU cost of score files, side by side."""
     from pursamere_fast.data import load_fashion_mnist
@@ -222,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="Fashion-MNIST directory (default: $PURSAMERE_FASHION_MNIST, "
                         "then /usr/share/datasets/fashion-mnist)")
     p.add_argument("--seed", type=random_seed, default=0, help="seed of the denoising noise z")
-    p.add_argument("--out", default=None, help="directory for quality.json and quality.md (default: print only)")
+    p.add_argument("--out", default=None,
+                   help="directory for quality.json, quality.md and quality.png (default: print only)")
     p.add_argument("--threads", type=integer(1), default=1, help="torch CPU threads for every measurement")
     p.add_argument("--batch", type=integer(1), default=64, help="rows per timed score evaluation")
     p.add_argument("--repeats", type=integer(1), default=9, help="timed rounds of the score evaluations (median)")
@@ -271,5 +298,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          for k in ("tweedie_mse", "noisy_mse", "mse_gain")}} for r in rows]}
             (out / "quality.json").write_text(json.dumps(payload, indent=2))
             (out / "quality.md").write_text(table)
+            plot_quality(rows, out / "quality.png")
     print(table, end="")
     return 0
