@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -539,10 +540,16 @@ def fmnist_run(tmp_path_factory):
     data = write_one_class_fashion(tmp / "fashion")
     out = tmp / "out"
     t0 = time.monotonic()
-    proc = _fmnist_driver(data, "--smoke", out)
+    # Two passes: the test jobs on the first 2 images, then extended to the smoke n of 4.
+    first = _fmnist_driver(data, "--smoke", "--test-n", "2", out, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    first_rows = {(clf, job): read_rows(out / "test" / clf / job / "rows.jsonl")
+                  for clf in ("clean", "aug") for job in ("main", "suite", "bpda200")}
+    proc = _fmnist_driver(data, "--smoke", out, timeout=600)
     seconds = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"out": out, "data": data, "stdout": proc.stdout, "seconds": seconds}
+    return {"out": out, "data": data, "stdout": first.stdout + proc.stdout, "seconds": seconds,
+            "first_rows": first_rows, "first_stdout": first.stdout}
 
 
 def test_fmnist_smoke_trains_the_score_without_the_held_out_images(fmnist_run):
@@ -611,6 +618,20 @@ def test_fmnist_smoke_test_rows_for_every_defence_and_member(fmnist_run):
     assert report.startswith("# Fashion-MNIST protocol") and "## Score model" in report and "Score quality" in report
     assert report.count("classifier: suite") == 2 and "## Verdicts" in report
     assert "pursamere-sam: aug vs clean classifier" in report and "pursamere-sam vs pursamere-nosam" in report
+
+
+def test_fmnist_smoke_test_n_pass_then_extension(fmnist_run):
+    out = fmnist_run["out"]
+    # The first pass ran the test jobs in the order main, suite, bpda200, both classifiers each.
+    stages = re.findall(r"(test_\w+) \.\.\.", fmnist_run["first_stdout"])
+    assert stages == [f"test_{clf}_{job}" for job in ("main", "suite", "bpda200") for clf in ("clean", "aug")]
+    for (clf, job), rows in fmnist_run["first_rows"].items():
+        assert {r["index"] for r in rows} == {0, 1}, (clf, job)
+        # The extension added images 2 and 3 and left the first pass's rows as they were.
+        final = read_rows(out / "test" / clf / job / "rows.jsonl")
+        assert {r["index"] for r in final} == set(range(4))
+        key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+        assert {key(r) for r in rows} <= {key(r) for r in final}, (clf, job)
 
 
 def test_fmnist_smoke_rerun_with_the_trained_score_continues(fmnist_run):

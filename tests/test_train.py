@@ -222,13 +222,55 @@ def test_classifier_purified_augmentation_adds_ce_of_purified(tmp_path, monkeypa
     model.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].clone()))
     config = pursamere_fast.PurifyConfig(sigmas=(0.1,), steps_per_sigma=1, n_samples=1)
     res = run_clf(tmp_path, 1, model=model, data=(x, y), purify_score=score_net(), purify_config=config)
-    assert calls == [{"sam_radius": 0.0}] * 3  # SAM off, once per batch
+    assert calls == [{"sam_radius": 0.0}]  # SAM off, once for the 48 images (one chunk)
     clean, purified = seen[0], seen[1]
     torch.testing.assert_close(purified, 1 - clean)
     idx = [int(torch.nonzero((x == row).flatten(1).all(1))[0]) for row in clean]
     model0 = clf_net()
     want = F.cross_entropy(model0(x[idx]), y[idx]) + F.cross_entropy(model0(1 - x[idx]), y[idx])
     assert res.losses[0][1] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_classifier_purifies_each_image_once_and_resumes_exactly(tmp_path, monkeypatch):
+    import pursamere_fast.train.classifier as classifier
+
+    seen = []
+
+    def counting_purify(x, score, config=None, **overrides):
+        seen.append(x.shape[0])
+        return real_purify(x, score, config, **overrides)
+
+    real_purify = pursamere_fast.purify
+    monkeypatch.setattr(pursamere_fast, "purify", counting_purify)
+    monkeypatch.setattr(classifier, "_PURIFY_CHUNK", 20)  # 48 images: chunks of 20, 20, 8
+    config = pursamere_fast.PurifyConfig(sigmas=(0.2, 0.1), steps_per_sigma=1, n_samples=2, rho=0.1)
+    kw = {"purify_score": score_net(), "purify_config": config}
+    straight = run_clf(tmp_path / "a", 3, **kw)
+    assert seen == [20, 20, 8]  # 3 epochs, each image purified once
+    stored = torch.from_numpy(np.load(tmp_path / "a" / classifier.PURIFIED))
+    assert torch.equal(stored[20:40], real_purify(blobs()[0][20:40], score_net(), config, sam_radius=0.0))
+    seen.clear()
+
+    # Killed in the second chunk of the purified set, then in training: the resumed run purifies
+    # only the missing chunks and ends with the uninterrupted run's weights, bit for bit.
+    def dies_on_second_call(x, score, config=None, **overrides):
+        if seen:
+            raise Killed
+        return counting_purify(x, score, config, **overrides)
+
+    monkeypatch.setattr(pursamere_fast, "purify", dies_on_second_call)
+    with pytest.raises(Killed):
+        run_clf(tmp_path / "b", 3, **kw)
+    monkeypatch.setattr(pursamere_fast, "purify", counting_purify)
+    with pytest.raises(Killed):
+        run_clf(tmp_path / "b", 3, model=KillAfter(clf_net(), 9), **kw)  # 2 forwards per step
+    assert seen == [20, 20, 8]
+    resumed = run_clf(tmp_path / "b", 3, model=KillAfter(clf_net(seed=7), -1), **kw)
+    assert seen == [20, 20, 8]  # the set on disk is reused
+    assert state_equal(straight.model, resumed.model.model)
+    assert read_log(tmp_path / "b") == read_log(tmp_path / "a")
+    np.testing.assert_array_equal(np.load(tmp_path / "b" / classifier.PURIFIED),
+                                  np.load(tmp_path / "a" / classifier.PURIFIED))
 
 
 def test_classifier_purified_augmentation_real_purify(tmp_path):

@@ -22,7 +22,8 @@ names (`pursamere-fast evaluate` configs once resolved), all written before any 
 - [pursamere], [adp]: the base of every PurSAMERE and ADP defence of the templates.
 - [selection]: the rule (below). [smoke]: the smoke profile.
 
-    python -m pursamere_fast.attacks.protocol run --protocol P [--smoke] [--score S] [--data-root D] [OUT]
+    python -m pursamere_fast.attacks.protocol run --protocol P [--smoke] [--score S] [--data-root D] \\
+        [--test-n N] [OUT]
     python -m pursamere_fast.attacks.protocol config --protocol P --score S [--data-root D] \\
         [--choice CHOICE] [--smoke] --out-dir D TEMPLATE...                 # evaluate configs in D
     python -m pursamere_fast.attacks.protocol select --protocol P [--smoke] --config D/<select>.toml \\
@@ -74,7 +75,7 @@ from pathlib import Path
 import torch
 
 from .. import checks
-from ..cli import ArgumentParser, existing_dir, existing_file, option_errors
+from ..cli import ArgumentParser, existing_dir, existing_file, integer, option_errors
 from .cli import _check_keywords, _number_or_text, load_object, load_toml
 from .runner import _all_rows
 from .suite import paired_robust, robust_per_image, summarise_dir
@@ -649,6 +650,10 @@ def _run_cmd(argv: Sequence[str]) -> int:
     p.add_argument("--smoke", action="store_true", help="the smoke profile ([smoke] of the protocol)")
     p.add_argument("--device", type=lambda t: t if t == "auto" else device_type(t), default="auto",
                    help="cpu, cuda, cuda:<index> or auto (cuda when available)")
+    p.add_argument("--test-n", type=integer(1), default=None,
+                   help="this pass evaluates at most the first TEST_N images of every test job (each job of "
+                        "both classifiers, then the report, at that n); rerun with a larger one or without it to "
+                        "extend the same runs (a row depends only on its image)")
     args = p.parse_args(argv)
     configs = Path(args.protocol).parent
     with option_errors(p, "--protocol"):
@@ -699,10 +704,12 @@ def _run_cmd(argv: Sequence[str]) -> int:
                     "--data-root", root, *extra, "--out", str(run)])
     paths = {"score": score, "data_root": root, "holdout": holdout, "smoke": args.smoke}
 
-    def write_config(name: str, choice: Mapping | None = None) -> str:
+    def write_config(name: str, choice: Mapping | None = None, cap: int | None = None) -> str:
         path = out / "configs" / name
         with option_errors(p, "--protocol"):
             cfg = resolve(templates[name], protocol, choice=choice, where=name, **paths)
+            if cap is not None and isinstance(cfg.get("n"), int):
+                cfg["n"] = min(cfg["n"], cap)
             if cfg.get("data_kwargs", {}).get("part") == "validation":
                 checks.integer(f"n of {name} (at most [train] holdout)", cfg.get("n"), 1, holdout)
         path.write_text(dump_toml(cfg))
@@ -732,9 +739,10 @@ def _run_cmd(argv: Sequence[str]) -> int:
     augment = json.loads((out / "select" / AUGMENT).read_text())
     pin(out / "train_aug", score_digest)  # its hyperparameters pin the rest
     train_classifier("aug", "--purify-score", score, "--purify-config", json.dumps(augment))
-    tests = {job: write_config(name, choice) for job, name in names["tests"].items()}
-    for classifier in CLASSIFIERS:
-        for job, config in tests.items():
+    tests = {job: write_config(name, choice, args.test_n) for job, name in names["tests"].items()}
+    # Job by job, both classifiers each: a pass that stops early leaves complete comparisons.
+    for job, config in tests.items():
+        for classifier in CLASSIFIERS:
             evaluate(f"test_{classifier}_{job}", config, out / "test" / classifier / job, classifier)
     (out / "report.md").write_text(report(out, names["title"]))
     print(f"{_now()} done: {out / 'report.md'}")

@@ -273,7 +273,9 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
     each batch is first randomly cropped and flipped (`crop_flip`, generator seeded by
     (seed, step)). With `purify_score`, each (augmented) batch is also purified (PurSAMERE with
     SAM off, as the paper's classifier training) and the loss is CE(clean) + CE(purified); the
-    purification's own noise is fixed by the config's seed.
+    purification's own noise is fixed by the config's seed. Without crops and flips the images
+    are purified once, before the first step, and reused every epoch (`_purified_set`,
+    out_dir/purified.npy).
     With imbsam or ssesam the per-sample losses are split by class into L_H and L_T (each a sum
     over its samples divided by the batch size, SPEC 9); the tail classes are those with fewer
     than `optimizer.tail_threshold` samples in `labels`. The logged loss is the batch's mean
@@ -367,6 +369,10 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
         out.update(_optim_tensors(opt))
         return out
 
+    purified = None
+    if purify_score is not None and augment == "none" and start < total:
+        purified = _purified_set(images, purify, purify_score, purify_config, run.dir, hparams, device, resume,
+                                 progress)
     model.train()
     perm_epoch, perm = -1, None
     bar = tqdm(total=total, initial=start, disable=not progress, desc="train-classifier", dynamic_ncols=True)
@@ -379,7 +385,9 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
         if augment == "crop-flip":
             x = crop_flip(x, _generator(seed, step, _AUGMENT_STREAM))
         x_pur = None
-        if purify_score is not None:
+        if purified is not None:
+            x_pur = purified[idx].to(device)
+        elif purify_score is not None:
             with torch.no_grad():
                 x_pur = purify(x, purify_score, purify_config, sam_radius=0.0)
 
@@ -423,6 +431,50 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
             run.save(step + 1, state(), final=step + 1 == total)
     bar.close()
     return TrainResult(model.eval(), total, run.losses, run.dir)
+
+
+# Images per purify call of `_purified_set`: a constant, because the score network's rounding can
+# depend on the batch size and a resumed run must purify exactly as an uninterrupted one.
+_PURIFY_CHUNK = 500
+PURIFIED, PURIFIED_STATE = "purified.npy", "purified.json"
+
+
+@torch.no_grad()
+def _purified_set(images: torch.Tensor, purify: Callable, score: Callable, config, out_dir: Path, hparams: dict,
+                  device: torch.device, resume: bool, progress: bool) -> torch.Tensor:
+    """purify(x) with SAM off of every training image, in index order, `_PURIFY_CHUNK` at a time.
+
+    Without crops or flips a training image is the same every epoch, and its purification is
+    deterministic (its noise is fixed by the config's seed), so each image is purified once
+    rather than once per epoch: 1/epochs of the cost, the same values up to the rounding of the
+    batch size. The set grows on disk (out_dir/purified.npy, its progress in purified.json,
+    written after each chunk), so a run killed while purifying continues where it stopped and
+    one killed while training reuses the whole set.
+    """
+    import numpy as np
+
+    path, state_path = out_dir / PURIFIED, out_dir / PURIFIED_STATE
+    done = 0
+    if resume and state_path.is_file() and path.is_file():
+        state = json.loads(state_path.read_text())
+        if state.get("hparams") == hparams:
+            done = int(state["done"])
+    if done == 0:
+        state_path.unlink(missing_ok=True)
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=tuple(images.shape)).flush()
+    out = np.load(path, mmap_mode="r+")
+    n = images.shape[0]
+    bar = tqdm(total=n, initial=done, disable=not progress or done >= n, desc="purify training set",
+               unit="image", dynamic_ncols=True)
+    for lo in range(done, n, _PURIFY_CHUNK):
+        hi = min(n, lo + _PURIFY_CHUNK)
+        x = images[lo:hi].to(device)
+        out[lo:hi] = purify(x, score, config, sam_radius=0.0).float().cpu().numpy()
+        out.flush()
+        state_path.write_text(json.dumps({"done": hi, "hparams": hparams}))
+        bar.update(hi - lo)
+    bar.close()
+    return torch.from_numpy(np.array(out))
 
 
 @torch.no_grad()
