@@ -7,6 +7,7 @@
 #   nohup configs/run_fmnist.sh sweep > /dev/null 2>&1 &   # both validation sweeps
 #   nohup configs/run_fmnist.sh test > /dev/null 2>&1 &    # the test-set rows
 #   configs/run_fmnist.sh sam_exact sanity                 # or any jobs by name, in that order
+#   configs/run_fmnist.sh suite suite_sam autoattack       # the adaptive suite (issue 12)
 #   python -m pursamere_fast.attacks.sweep collect --out results/fmnist runs/fmnist/test_none runs/fmnist/final/*
 set -u
 OUT=runs/fmnist
@@ -72,6 +73,10 @@ run() {  # one named job of the queue
     sanity) NPROC=1 job sanity "${B_SANITY:-2400}" -m pursamere_fast.cli sanity --config configs/fmnist_sanity.toml ;;
     none) NPROC=1 job none "${B_NONE:-900}" -m pursamere_fast.cli evaluate --config configs/fmnist_none.toml ;;
     suite) evaluate suite "${B_SUITE:-3600}" configs/fmnist_suite.toml suite ;;
+    # The SAM variant alone in a directory of its own (the suite's transfer member pairs the
+    # defences of one run, and adding a defence to the finished run would leave it incomplete).
+    suite_sam) evaluate suite_sam "${B_SUITE_SAM:-3600}" configs/fmnist_suite.toml suite_sam "${SAM[@]}" \
+                 --defences pursamere ;;
     autoattack) NPROC=1 evaluate autoattack "${B_AUTOATTACK:-1800}" configs/fmnist_suite.toml suite --autoattack-only ;;
     conv_bpda) converge conv_bpda "${B_CONV_BPDA:-5400}" bpda 200 3 --defence pursamere ;;
     conv_exact) converge conv_exact "${B_CONV_EXACT:-2700}" exact 50 3 --defence pursamere ;;
