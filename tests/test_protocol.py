@@ -502,6 +502,24 @@ def test_fmnist_protocol_is_the_shipped_setup_and_the_issue_13_grid():
         ("linf", 8 / 255), ("l2", 1.0), ("l1", 10.0)}
 
 
+
+def test_committed_fmnist_choice_follows_from_its_rows_under_the_committed_rule():
+    # results/fmnist_protocol/select/ is the selection's record: its choice must be what the rule
+    # of configs/fmnist_protocol.toml makes of its rows, so that a change to the rule's code or to
+    # the grid cannot silently disagree with the choice the test jobs were run with.
+    from pursamere_fast.attacks.suite import summarise_dir
+
+    run = ROOT / "results" / "fmnist_protocol" / "select"
+    committed = json.loads((run / "choice.json").read_text())
+    config = resolve(_fmnist_templates()["select"], FMNIST, score="score.safetensors", data_root=".",
+                     holdout=FMNIST["train"]["holdout"])
+    choice = select(summarise_dir(run), config, selection_rule(FMNIST))
+    assert json.loads(json.dumps(choice)) == committed
+    assert {g: c["chosen"] for g, c in choice["groups"].items()} == {
+        "sam": "rho12-r3-K10-N2", "nosam": "rho12-r0-K10-N2", "adp": "adp-s0.025"}
+    augment = json.loads((run / "augment.json").read_text())
+    assert augment == protocol.augmentation_config(config, committed) and augment["sam_radius"] == 0.0
+
 def test_check_held_out_refuses_scores_trained_on_the_selection_images(tmp_path):
     from pursamere_fast.pretrained import SCORE_FILE
 
