@@ -5,12 +5,14 @@
 #
 # Everything the driver cannot re-create comes: the stages' checkpoints, rows (flushed per
 # batch, so a running stage's partial rows too), adversarial examples, logs. Left out: what it
-# re-creates (models/ and the exported classifier.safetensors, from the checkpoints), the
-# train_aug purified-set cache (purified.npy, 172 MB: recomputed in about 30 min), and this
-# directory's own README.md (the run directory holds an older copy of it).
+# re-creates from the checkpoints (models/, the exports classifier.safetensors and
+# score_ema.safetensors), the train_aug purified-set cache (purified.npy, 172 MB: 27 min on two
+# threads), and this directory's own README.md (the run directory holds an older copy of it).
+# The finished stages' metrics.json files record each rerun's seconds: restore those with
+# `git checkout` when nothing else in them changed.
 set -euo pipefail
 src=${1:-runs/fmnist_protocol}
 [ -d "$src" ] || { echo "$0: error: RUN_DIR: no such directory: $src" >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
-tar -C "$src" --exclude=./models --exclude=purified.npy --exclude=classifier.safetensors \
+tar -C "$src" --exclude=./models --exclude=purified.npy --exclude=classifier.safetensors --exclude=score_ema.safetensors \
   --exclude=./README.md --exclude=./driver.out -cf - . | tar -C "$here" -xf -
