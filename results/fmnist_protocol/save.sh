@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Copy a protocol run's finished work back here, to be committed before a session stops:
+# Copy a protocol run's work back here, to be committed before a session stops:
 #
 #   results/fmnist_protocol/save.sh [RUN_DIR]     # default runs/fmnist_protocol
 #
@@ -14,5 +14,11 @@ set -euo pipefail
 src=${1:-runs/fmnist_protocol}
 [ -d "$src" ] || { echo "$0: error: RUN_DIR: no such directory: $src" >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
+# A mirror: each directory here that the run has is replaced by the run's, so that rank shards
+# a finished job merged into rows.jsonl do not stay behind beside it.
+for d in "$src"/*/; do
+  name=$(basename "$d")
+  [ "$name" = models ] || rm -rf "${here:?}/$name"
+done
 tar -C "$src" --exclude=./models --exclude=purified.npy --exclude=classifier.safetensors --exclude=score_ema.safetensors \
   --exclude=./README.md --exclude=./driver.out -cf - . | tar -C "$here" -xf -
