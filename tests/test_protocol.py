@@ -636,6 +636,33 @@ def test_fmnist_smoke_test_rows_for_every_defence_and_member(fmnist_run):
     assert report.startswith("# Fashion-MNIST protocol") and "## Score model" in report and "Score quality" in report
     assert report.count("classifier: suite") == 2 and "## Verdicts" in report
     assert "pursamere-sam: aug vs clean classifier" in report and "pursamere-sam vs pursamere-nosam" in report
+    assert all(f"| {claim} {text} |" in report for claim, text in protocol.CLAIMS.items())
+    assert "| (i) | clean | bpda200 | bpda-l1-" in report and "pursamere-nosam vs none" in report
+
+
+def test_verdicts_pair_each_claim_under_its_measures():
+    # Robust on image 0 only for every key but the SAM ones, so (ii)'s pairs are discordant once.
+    keys = [("clean", "main", m, d) for m in ("bpda-linf-x", "gpgd-linf-x")
+            for d in ("none", "adp", "pursamere-sam-rho8", "pursamere-nosam-rho8")]
+    keys += [(clf, "suite", "worst case", d) for clf in ("clean", "aug")
+             for d in ("pursamere-sam", "pursamere-nosam", "adp")]
+    maps = {k: {0: True, 1: "-sam" in k[3]} for k in keys}
+    comps = protocol._comparisons(maps)
+    got = {c[:6]: (c[6]["n"], c[6]["a_only"], c[6]["b_only"]) for c in comps}
+    bpda, gpgd, worst = "bpda-linf-x", "gpgd-linf-x", "worst case"
+    sam_vs = {("(ii)", "clean", "main", m, "pursamere-sam-rho8", "pursamere-nosam-rho8"): (2, 1, 0)
+              for m in (bpda, gpgd)}
+    sam_vs |= {("(ii)", clf, "suite", worst, "pursamere-sam", "pursamere-nosam"): (2, 1, 0) for clf in ("aug", "clean")}
+    want = {("(i)", "clean", "main", bpda, "pursamere-nosam-rho8", "none"): (2, 0, 0),
+            ("(i)", "clean", "main", bpda, "pursamere-sam-rho8", "none"): (2, 1, 0), **sam_vs,
+            ("(iii)", "clean", "main", bpda, "pursamere-nosam-rho8", "adp"): (2, 0, 0),
+            ("(iii)", "clean", "main", bpda, "pursamere-sam-rho8", "adp"): (2, 1, 0),
+            **{("(iii)", clf, "suite", worst, d, "adp"): (2, int(d == "pursamere-sam"), 0)
+               for clf in ("aug", "clean") for d in ("pursamere-nosam", "pursamere-sam")},
+            **{("(iv)", "aug vs clean", "suite", worst, f"{d}: aug", "clean classifier"): (2, 0, 0)
+               for d in ("adp", "pursamere-nosam", "pursamere-sam")}}
+    assert got == want and len(comps) == len(want)
+    assert [c[0] for c in comps] == sorted((c[0] for c in comps), key=list(protocol.CLAIMS).index)
 
 
 def test_fmnist_smoke_test_n_pass_then_extension(fmnist_run):

@@ -482,35 +482,80 @@ def _verdict(a: str, b: str, pair: Mapping) -> str:
     return f"**{a if pair['a_only'] > pair['b_only'] else b}** more robust (p = {pair['p']:.3g})"
 
 
-def verdicts(out_dir: str | os.PathLike) -> list[str]:
-    """Markdown lines: every paired worst-case comparison of the suite jobs (test/<classifier>/
-    <job> with a suite summary): the defences against each other per classifier, and each
-    defence with the augmented against the clean classifier, each with its verdict at the 5%
-    level (exact McNemar on the images both have)."""
-    out = Path(out_dir)
-    rows, suites = [], {}
+# The paper's claims (issue 13), each tested by the paired comparisons `_comparisons` makes.
+CLAIMS = {
+    "(i)": "far above the undefended classifier under BPDA-det",
+    "(ii)": "SAM improves robustness",
+    "(iii)": "at least as robust as the stochastic baseline (ADP) under the deterministic white-box attacks",
+    "(iv)": "purified augmentation helps",
+}
+
+
+def _robust_maps(out: Path) -> dict[tuple[str, str, str, str], dict[int, bool]]:
+    """{(classifier, job, measure, defence): {index: robust}} of every test job: a suite job's
+    measure is its worst case, a single-attack job's each attack (its `robust_correct`)."""
+    maps = {}
     for path in sorted(out.glob("test/*/*/summary.json")):
-        summary = json.loads(path.read_text())
-        if "paired" not in summary:  # not a suite job
-            continue
         clf, job = path.parent.parent.name, path.parent.name
-        suites.setdefault(job, {})[clf] = summary
-        rows += [(f"{p['a']} vs {p['b']}", clf, job, p["a"], p["b"], p) for p in summary["paired"]]
-    for job, by_clf in suites.items():
-        if set(CLASSIFIERS) <= set(by_clf):
-            clean, aug = (_all_rows(str(out / "test" / clf / job)) for clf in CLASSIFIERS)
-            for e in by_clf["aug"]["defences"]:
-                d = e["defence"]
-                pair = paired_robust(robust_per_image(aug, d), robust_per_image(clean, d))
-                rows.append((f"{d}: aug vs clean classifier", "both", job, "aug", "clean", pair))
-    if not rows:
+        summary = json.loads(path.read_text())
+        rows = _all_rows(str(path.parent))
+        if "paired" in summary:  # a suite job
+            for e in summary["defences"]:
+                maps[(clf, job, _WORST, e["defence"])] = robust_per_image(rows, e["defence"])
+            continue
+        for r in rows:
+            if r["threat"] != _CLEAN:
+                maps.setdefault((clf, job, r["attack"], r["defence"]), {})[r["index"]] = r["robust_correct"]
+    return maps
+
+
+def _comparisons(maps: Mapping) -> list[tuple]:
+    """(claim, classifier, job, measure, first, second, paired) for each claim: under a
+    deterministic white-box measure (the suite's worst case, BPDA-det), (i) each PurSAMERE
+    defence against the undefended classifier, (iii) against ADP and (iv) each defence with the
+    augmented against the clean classifier; under every measure (ii) each PurSAMERE defence with
+    SAM against its twin without (the same name with -nosam for -sam)."""
+    out = []
+    for (clf, job, measure, d), robust in sorted(maps.items()):
+        det = measure == _WORST or measure.startswith("bpda-")
+        other = {name: maps.get((clf, job, measure, name)) for name in ("none", "adp")}
+        if d.startswith("pursamere"):
+            if det and other["none"] is not None:
+                out.append(("(i)", clf, job, measure, d, "none", paired_robust(robust, other["none"])))
+            twin = d.replace("pursamere-sam", "pursamere-nosam")
+            if twin != d and (clf, job, measure, twin) in maps:
+                out.append(("(ii)", clf, job, measure, d, twin, paired_robust(robust, maps[(clf, job, measure, twin)])))
+            if det and other["adp"] is not None:
+                out.append(("(iii)", clf, job, measure, d, "adp", paired_robust(robust, other["adp"])))
+        if clf == "aug" and det and d != "none" and ("clean", job, measure, d) in maps:
+            out.append(("(iv)", "aug vs clean", job, measure, f"{d}: aug", "clean classifier",
+                        paired_robust(robust, maps[("clean", job, measure, d)])))
+    return sorted(out, key=lambda c: list(CLAIMS).index(c[0]))
+
+
+def verdicts(out_dir: str | os.PathLike) -> list[str]:
+    """Markdown lines: for each of the paper's claims (`CLAIMS`), a tally of its paired
+    comparisons (`_comparisons`: exact McNemar on the images both sides have, at the 5% level)
+    and every comparison with its verdict. A claim's tally counts its comparisons, which share
+    images and are not independent: it is a summary, not a test."""
+    comps = _comparisons(_robust_maps(Path(out_dir)))
+    if not comps:
         return []
     lines = ["", "## Verdicts", "",
-             f"Worst case over the test suite, paired on the same images, exact McNemar, {100 * LEVEL:g}% level.", "",
-             "| comparison | classifier | job | n | only first robust | only second robust | verdict |",
-             "|---|---|---|---|---|---|---|"]
-    for what, clf, job, a, b, p in rows:
-        lines.append(f"| {what} | {clf} | {job} | {p['n']} | {p['a_only']} | {p['b_only']} | {_verdict(a, b, p)} |")
+             f"Paired on the same images, exact McNemar, {100 * LEVEL:g}% level; deterministic white-box "
+             f"measures: the suite's worst case and BPDA-det.", "",
+             "| claim | comparisons | first more robust | no difference shown | second more robust |",
+             "|---|---|---|---|---|"]
+    for claim, text in CLAIMS.items():
+        ps = [c[-1] for c in comps if c[0] == claim]
+        first = sum(p["p"] < LEVEL and p["a_only"] > p["b_only"] for p in ps)
+        second = sum(p["p"] < LEVEL and p["b_only"] > p["a_only"] for p in ps)
+        lines.append(f"| {claim} {text} | {len(ps)} | {first} | {len(ps) - first - second} | {second} |")
+    lines += ["", "| claim | classifier | job | measure | comparison | n | only first robust | only second robust "
+              "| verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for claim, clf, job, measure, a, b, p in comps:
+        lines.append(f"| {claim} | {clf} | {job} | {measure} | {a} vs {b} | {p['n']} | {p['a_only']} | {p['b_only']} "
+                     f"| {_verdict(a, b, p)} |")
     return lines
 
 
