@@ -207,13 +207,19 @@ def test_autoattack_check_compares_with_the_suite(setup, tmp_path):
 
 def test_summary_of_a_stopped_run_from_its_shards(setup, tmp_path, capsys):
     clf, data, defences, members = setup
-    from pursamere_fast.attacks.suite import main, summarise_dir
+    from pursamere_fast.attacks.suite import main, summarise_dir, summarise_rows
 
     out = tmp_path / "s"
     full = run_suite(clf, data, defences, members[:2], out_dir=str(out), batch_size=8, progress=False)
     # A run killed before rank 0 merged leaves only its shard: move the merged rows there.
     (out / "rows.jsonl").rename(out / "rows.rank0.jsonl")
     assert summarise_dir(str(out)) == full
+    # The same summary from the rows and settings alone (the results scripts' gzipped copies).
+    rows = read_rows(str(out / "rows.rank0.jsonl"))
+    settings = json.loads((out / "manifest.json").read_text())["settings"]
+    assert summarise_rows(rows, settings) == full
+    with pytest.raises(ValueError, match="settings"):
+        summarise_rows(rows, {k: {**v, "run": {}} for k, v in settings.items()})
     assert main([str(out)]) == 0 and "worst-case robust acc" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "missing")])

@@ -478,12 +478,27 @@ def autoattack_markdown(results: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summarise_dir(out_dir: str) -> dict:
-    """The summary of a suite run from its rows on disk, finished or not (every rank's shard).
+def summarise_rows(rows: Sequence[dict], settings: Mapping) -> dict:
+    """The summary of a suite run's rows, finished or not, under its manifest's settings (the
+    member order, cascade and defences come from there): each defence's n counts the images
+    every member finished.
 
-    Reads the member order, cascade and defences from manifest.json, writes summary.json and
-    summary.md, and returns the summary: a run stopped at its time budget still reports the
-    images it finished (each defence's n says how many).
+    Raises:
+        ValueError: when settings are not a suite run's (no member order).
+    """
+    runs = [v.get("run", {}) for v in settings.values()]
+    if not runs or "suite" not in runs[0]:
+        raise ValueError("settings: not a suite run's (no member order)")
+    run = runs[0]
+    defences = run["transfer"] or sorted({k.split(" | ")[0] for k in settings})
+    names = [CLEAN, *run["suite"]] + ([TRANSFER] if run["transfer"] else [])
+    return summarise_suite(rows, defences, names, sorted({r["index"] for r in rows}), cascade=run["cascade"])
+
+
+def summarise_dir(out_dir: str) -> dict:
+    """`summarise_rows` of a suite run directory (every rank's shard), written to its
+    summary.json and summary.md: a run stopped at its time budget still reports the images it
+    finished.
 
     Raises:
         ValueError: when out_dir holds no suite manifest.
@@ -493,14 +508,11 @@ def summarise_dir(out_dir: str) -> dict:
         raise ValueError(f"out_dir {out_dir!r} has no {MANIFEST}")
     with open(path) as f:
         settings = json.load(f)["settings"]
-    runs = [v.get("run", {}) for v in settings.values()]
-    if not runs or "suite" not in runs[0]:
-        raise ValueError(f"out_dir {out_dir!r} is not a suite run (its manifest has no member order)")
-    run = runs[0]
-    defences = run["transfer"] or sorted({k.split(" | ")[0] for k in settings})
-    names = [CLEAN, *run["suite"]] + ([TRANSFER] if run["transfer"] else [])
     rows = _all_rows(out_dir)
-    summary = summarise_suite(rows, defences, names, sorted({r["index"] for r in rows}), cascade=run["cascade"])
+    try:
+        summary = summarise_rows(rows, settings)
+    except ValueError:
+        raise ValueError(f"out_dir {out_dir!r} is not a suite run (its manifest has no member order)") from None
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:

@@ -17,11 +17,10 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 from pursamere_fast.attacks.runner import _all_rows
 from pursamere_fast.attacks.stats import wilson_interval
-from pursamere_fast.attacks.suite import CLEAN, paired_robust, robust_per_image, summarise_dir
+from pursamere_fast.attacks.suite import CLEAN, paired_robust, robust_per_image, summarise_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = ("standard", "gradpen", "pgdat", "lfr")
@@ -54,14 +53,10 @@ def collect(out):
 
 
 def _summary(dest):
-    """summarise_dir of a copied run, and {index: robust} of its one defence."""
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(os.path.join(dest, "manifest.json"), tmp)
-        rows = _read(os.path.join(dest, "rows.jsonl.gz"))
-        with open(os.path.join(tmp, "rows.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        summary = summarise_dir(tmp)
-    return summary, robust_per_image(rows)
+    """The suite summary of a copied run, and {index: robust} of its one defence."""
+    rows = _read(os.path.join(dest, "rows.jsonl.gz"))
+    with open(os.path.join(dest, "manifest.json")) as f:
+        return summarise_rows(rows, json.load(f)["settings"]), robust_per_image(rows)
 
 
 def _pct(k, n):

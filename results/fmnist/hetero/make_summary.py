@@ -17,11 +17,10 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 from pursamere_fast.attacks.runner import _all_rows
 from pursamere_fast.attacks.stats import wilson_interval
-from pursamere_fast.attacks.suite import CLEAN, paired_robust, robust_per_image, summarise_dir, suite_markdown
+from pursamere_fast.attacks.suite import CLEAN, paired_robust, robust_per_image, summarise_rows, suite_markdown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUITE = os.path.join(HERE, "..", "suite")
@@ -44,11 +43,8 @@ def collect(final):
 
 
 def _summarise(run):
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(os.path.join(HERE, f"{run}_manifest.json"), os.path.join(tmp, "manifest.json"))
-        with open(os.path.join(tmp, "rows.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in _read(os.path.join(HERE, f"{run}_rows.jsonl.gz")))
-        return summarise_dir(tmp)
+    with open(os.path.join(HERE, f"{run}_manifest.json")) as f:
+        return summarise_rows(_read(os.path.join(HERE, f"{run}_rows.jsonl.gz")), json.load(f)["settings"])
 
 
 def _cpu(rows, defence, members=None):

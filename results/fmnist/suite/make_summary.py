@@ -15,10 +15,9 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 from pursamere_fast.attacks.runner import _all_rows, read_rows
-from pursamere_fast.attacks.suite import CLEAN, summarise_dir, suite_markdown
+from pursamere_fast.attacks.suite import CLEAN, summarise_rows, suite_markdown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,11 +41,8 @@ def main():
     if len(sys.argv) > 1:
         collect(sys.argv[1])
     rows = _read(os.path.join(HERE, "rows.jsonl.gz"))
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(os.path.join(HERE, "manifest.json"), tmp)
-        with open(os.path.join(tmp, "rows.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        summary = summarise_dir(tmp)
+    with open(os.path.join(HERE, "manifest.json")) as f:
+        summary = summarise_rows(rows, json.load(f)["settings"])
     lines = [suite_markdown(summary), "",
              "| AutoAttack check (BPDA, APGD-CE + APGD-DLR x 100, pyautoattack) | n (clean-correct, both finished) "
              "| suite robust | AutoAttack robust | only AutoAttack broke | only the suite broke |",

@@ -13,10 +13,9 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 from pursamere_fast.attacks.runner import _all_rows
-from pursamere_fast.attacks.suite import paired_robust, robust_per_image, summarise_dir, suite_markdown
+from pursamere_fast.attacks.suite import paired_robust, robust_per_image, summarise_rows, suite_markdown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,11 +31,8 @@ def main():
         with gzip.open(os.path.join(HERE, "rows.jsonl.gz"), "wt") as f:
             f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in _all_rows(sys.argv[1]))
     sam = _rows(os.path.join(HERE, "rows.jsonl.gz"))
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(os.path.join(HERE, "manifest.json"), tmp)
-        with open(os.path.join(tmp, "rows.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in sam)
-        summary = summarise_dir(tmp)
+    with open(os.path.join(HERE, "manifest.json")) as f:
+        summary = summarise_rows(sam, json.load(f)["settings"])
     base = _rows(os.path.join(HERE, "..", "suite", "rows.jsonl.gz"))
     members = sorted({r["attack"] for r in sam} & {r["attack"] for r in base})
     on = robust_per_image(sam, "pursamere", members)
