@@ -31,7 +31,7 @@ def models(config, device):
     if config == "shipped" and not TINY:
         from pursamere_fast.pretrained import fashion_mnist
 
-        d = fashion_mnist(device)
+        d = fashion_mnist(device, release="v1")  # the models docs/hetero.md measured
         return d.score, d.classifier, d.images[:BATCH]
     torch.manual_seed(0)
     score = ConvScoreNet(1, 4, 2).eval().requires_grad_(False).to(device)

@@ -57,10 +57,10 @@ def test_score_option_speedup(benchmark, name, monkeypatch):
         pytest.skip("the CPU options; bench_ncsnv2.py times the GPU ones")
     if TINY:  # the smoke test checks the plumbing; Inductor's C++ compile would take 15-45 s
         monkeypatch.setattr(graphs, "COMPILE_OPTIONS", {"backend": "aot_eager", "dynamic": False})
-    d = fashion_mnist()
-    # Its own copy of the score: channels_last converts a module's weights in place, which
-    # would change the baseline's layout too.
-    base_score = fashion_mnist().score
+    # v1: the ConvScoreNet bench/results/ measured. Its own copy of the score: channels_last
+    # converts a module's weights in place, which would change the baseline's layout too.
+    d = fashion_mnist(release="v1")
+    base_score = fashion_mnist(release="v1").score
     options, batch = VARIANTS[name]
     x = d.images[:batch]
     base_out = purify(x, base_score, d.config, backend="torch", **BASELINE)

@@ -39,8 +39,8 @@ evaluate() {  # name budget_s config out extra-args...
   job "$name" "$budget" -m pursamere_fast.cli evaluate --config "$config" --out "$OUT/final/$out" "$@"
 }
 
-MODELS=(--classifier pursamere_fast.pretrained:fashion_mnist.classifier --score pursamere_fast.pretrained:fashion_mnist.score
-        --purify-config pursamere_fast.pretrained:fashion_mnist.config --data pursamere_fast.pretrained:load_test_subset)
+MODELS=(--classifier pursamere_fast.pretrained:fashion_mnist_v1.classifier --score pursamere_fast.pretrained:fashion_mnist_v1.score
+        --purify-config pursamere_fast.pretrained:fashion_mnist_v1.config --data pursamere_fast.pretrained:load_test_subset)
 
 converge() {  # name budget_s threat steps restarts extra-args...: PGD convergence on 100 validation images
   local name=$1 budget=$2 threat=$3 steps=$4 restarts=$5

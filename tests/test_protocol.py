@@ -476,8 +476,8 @@ def _fmnist_templates():
             for job, name in {"select": names["select"], **names["tests"]}.items()}
 
 
-def test_fmnist_protocol_is_the_shipped_setup_and_the_issue_13_grid():
-    shipped = recommended_config_dict()
+def test_fmnist_protocol_is_the_v1_setup_and_the_issue_13_grid():
+    shipped = recommended_config_dict("v1")
     assert FMNIST["pursamere"] == {k: v for k, v in shipped.items() if k not in GRID_KEYS}
     assert FMNIST["adp"] == {"sigma": 0.05, "noise_std": 0.05, "steps": 5}
     assert {k: FMNIST["train"][k] for k in ("holdout", "lr", "batch_size", "epochs")} == {
@@ -521,9 +521,9 @@ def test_committed_fmnist_choice_follows_from_its_rows_under_the_committed_rule(
     assert augment == protocol.augmentation_config(config, committed) and augment["sam_radius"] == 0.0
 
 def test_check_held_out_refuses_scores_trained_on_the_selection_images(tmp_path):
-    from pursamere_fast.pretrained import SCORE_FILE
+    from pursamere_fast.pretrained import RELEASES
 
-    shipped = ROOT / "pursamere_fast" / "pretrained" / SCORE_FILE  # trained on all 60,000 images
+    shipped = ROOT / "pursamere_fast" / "pretrained" / RELEASES["v1"][0]  # trained on all 60,000 images
     with pytest.raises(ValueError, match="was trained with --holdout 0: the last 5000 training images"):
         protocol.check_held_out(shipped, "fashion-mnist", 5000)
     save_net(ConvScoreNet(1, 4, 2), tmp_path / "bare.safetensors")
@@ -697,7 +697,7 @@ def test_fmnist_smoke_rerun_with_the_trained_score_continues(fmnist_run):
 def test_fmnist_driver_refuses_a_score_trained_on_the_held_out_images(tmp_path):
     write_fashion(tmp_path / "fashion", "train", n=FMNIST_TRAIN)
     write_fashion(tmp_path / "fashion", "test", n=FMNIST_TEST)
-    shipped = ROOT / "pursamere_fast" / "pretrained" / "fashion_mnist_score.safetensors"
+    shipped = ROOT / "pursamere_fast" / "pretrained" / "fashion_mnist_v1_score.safetensors"  # all 60,000 images
     proc = _fmnist_driver(tmp_path / "fashion", "--smoke", "--score", shipped, tmp_path / "out", timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("configs/run_fmnist_protocol.sh: error: argument --score: ")

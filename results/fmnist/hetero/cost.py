@@ -16,7 +16,7 @@ from pursamere_fast.purifiers import ADPPurifier, HeteroPurifier
 
 def main():
     torch.set_num_threads(1)
-    d = fashion_mnist()
+    d = fashion_mnist(release="v1")  # the release docs/hetero.md measured
     x = d.images[:32]
     het = HeteroPurifier(d.score, d.classifier, t_l=200, t_s=100, resample_steps=3, grid_steps=100, tau=0.9)
     adp = ADPPurifier(d.score, sigma=0.05, noise_std=0.05, steps=5)
