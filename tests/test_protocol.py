@@ -663,6 +663,26 @@ def test_verdicts_pair_each_claim_under_its_measures():
                for d in ("adp", "pursamere-nosam", "pursamere-sam")}}
     assert got == want and len(comps) == len(want)
     assert [c[0] for c in comps] == sorted((c[0] for c in comps), key=list(protocol.CLAIMS).index)
+    # A job one classifier has not reached yet gives no comparison, not a "no difference".
+    maps |= {("aug", "suite", worst, d): {} for d in ("pursamere-sam", "pursamere-nosam", "adp")}
+    assert {c[:6] for c in protocol._comparisons(maps)} == {k for k in want if k[1] == "clean"}
+
+
+def test_suite_worst_case_of_a_running_job_counts_images_every_member_reached(tmp_path):
+    job = tmp_path / "test" / "clean" / "suite"
+    job.mkdir(parents=True)
+    members = ["gpgd", "bpda"]
+    summary = {"paired": [], "defences": [{"defence": "adp", "members": [{"member": m} for m in members]}]}
+    (job / "summary.json").write_text(json.dumps(summary))
+    row = dict(defence="adp", clean_correct=True, broken=False)
+    key = ("clean", "suite", "worst case", "adp")
+    # The first batch has reached gpgd only: no image's worst case is known yet.
+    rows = [{**row, "index": i, "attack": a} for i in (0, 1) for a in ("clean", "gpgd")]
+    (job / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert protocol._robust_maps(tmp_path) == {key: {}}
+    rows.append({**row, "index": 0, "attack": "bpda"})
+    (job / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert protocol._robust_maps(tmp_path) == {key: {0: True}}
 
 
 def test_fmnist_smoke_test_n_pass_then_extension(fmnist_run):

@@ -493,7 +493,9 @@ CLAIMS = {
 
 def _robust_maps(out: Path) -> dict[tuple[str, str, str, str], dict[int, bool]]:
     """{(classifier, job, measure, defence): {index: robust}} of every test job: a suite job's
-    measure is its worst case, a single-attack job's each attack (its `robust_correct`)."""
+    measure is its worst case (on the images every member has reached: a running job's last
+    batch may have the cheap members' rows only), a single-attack job's each attack (its
+    `robust_correct`)."""
     maps = {}
     for path in sorted(out.glob("test/*/*/summary.json")):
         clf, job = path.parent.parent.name, path.parent.name
@@ -501,7 +503,8 @@ def _robust_maps(out: Path) -> dict[tuple[str, str, str, str], dict[int, bool]]:
         rows = _all_rows(str(path.parent))
         if "paired" in summary:  # a suite job
             for e in summary["defences"]:
-                maps[(clf, job, _WORST, e["defence"])] = robust_per_image(rows, e["defence"])
+                members = [_CLEAN, *(m["member"] for m in e["members"])]
+                maps[(clf, job, _WORST, e["defence"])] = robust_per_image(rows, e["defence"], members)
             continue
         for r in rows:
             if r["threat"] != _CLEAN:
@@ -514,7 +517,8 @@ def _comparisons(maps: Mapping) -> list[tuple]:
     deterministic white-box measure (the suite's worst case, BPDA-det), (i) each PurSAMERE
     defence against the undefended classifier, (iii) against ADP and (iv) each defence with the
     augmented against the clean classifier; under every measure (ii) each PurSAMERE defence with
-    SAM against its twin without (the same name with -nosam for -sam)."""
+    SAM against its twin without (the same name with -nosam for -sam). A pair without a common
+    image (a job not yet run for one side) is left out, not tallied as "no difference"."""
     out = []
     for (clf, job, measure, d), robust in sorted(maps.items()):
         det = measure == _WORST or measure.startswith("bpda-")
@@ -530,7 +534,7 @@ def _comparisons(maps: Mapping) -> list[tuple]:
         if clf == "aug" and det and d != "none" and ("clean", job, measure, d) in maps:
             out.append(("(iv)", "aug vs clean", job, measure, f"{d}: aug", "clean classifier",
                         paired_robust(robust, maps[("clean", job, measure, d)])))
-    return sorted(out, key=lambda c: list(CLAIMS).index(c[0]))
+    return sorted((c for c in out if c[6]["n"]), key=lambda c: list(CLAIMS).index(c[0]))
 
 
 def verdicts(out_dir: str | os.PathLike) -> list[str]:
