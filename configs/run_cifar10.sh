@@ -17,7 +17,7 @@
 #   train_aug    the same WRN trained on clean plus purified images (CE(x) + CE(purify(x)),
 #                the chosen SAM-off point).
 #   test_<classifier>_<job>  configs/cifar10_test_{main,bpda200,suite}.toml on the test set,
-#                for the clean and the augmented classifier; then OUT_DIR/report.md.
+#                for the clean and the augmented classifier; then OUT_DIR/report.md and report.png.
 # Rerunning the same command continues: training resumes from its checkpoint (a finished one
 # only re-measures test accuracy), evaluations skip the rows already on disk (flushed per
 # batch), and a run with other settings is refused rather than mixed in.

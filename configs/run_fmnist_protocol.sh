@@ -26,7 +26,7 @@
 #                  SAM-off point);
 #   test_<classifier>_<job>  configs/fmnist_test_{main,suite,bpda200}.toml on the test set, in
 #                  that order, each for the clean and the augmented classifier; then
-#                  OUT_DIR/report.md.
+#                  OUT_DIR/report.md and report.png.
 # Rerunning the same command continues: training resumes from its checkpoint, evaluations skip
 # the rows already on disk (flushed per batch), and a run with other settings or weights is
 # refused rather than mixed in. CPU cost per stage: configs/fmnist_protocol.toml (about 110

@@ -426,6 +426,7 @@ def test_smoke_test_rows_for_every_defence_and_member(smoke_run):
     _test_suites(out)
     report = (out / "report.md").read_text()
     assert report.count("classifier: suite") == 2 and "train_aug" in report
+    assert "](report.png)" in report and (out / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_smoke_rerun_continues_without_redoing_rows(smoke_run):
@@ -683,6 +684,26 @@ def test_suite_worst_case_of_a_running_job_counts_images_every_member_reached(tm
     rows.append({**row, "index": 0, "attack": "bpda"})
     (job / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert protocol._robust_maps(tmp_path) == {key: {0: True}}
+
+
+def test_report_figure_has_a_panel_per_job_and_measure(tmp_path):
+    maps = {("clean", "suite", "worst case", "adp"): {0: True, 1: False},
+            ("aug", "suite", "worst case", "adp"): {0: True},
+            ("clean", "bpda200", "bpda-l2-x", "none"): {0: False, 1: False, 2: True},
+            ("clean", "main", "bpda-linf-x", "pursamere-sam-rho12"): {0: False},
+            ("aug", "main", "bpda-linf-x", "none"): {}}  # a job this classifier has not reached
+    panels = protocol.accuracy_panels(maps)
+    assert panels == {("main", "bpda-linf-x"): {("clean", "pursamere-sam-rho12"): (0, 1)},
+                      ("suite", "worst case"): {("clean", "adp"): (1, 2), ("aug", "adp"): (1, 1)},
+                      ("bpda200", "bpda-l2-x"): {("clean", "none"): (1, 3)}}
+    assert list(panels) == [("main", "bpda-linf-x"), ("suite", "worst case"), ("bpda200", "bpda-l2-x")]
+    names = ["pursamere-nosam-rho8", "pursamere-sam-rho16", "adp", "none", "pursamere-sam-rho8"]
+    assert sorted(names, key=protocol._defence_order) == [
+        "none", "adp", "pursamere-sam-rho8", "pursamere-sam-rho16", "pursamere-nosam-rho8"]
+    path = protocol.plot_report(maps, tmp_path / "report.png")
+    assert Path(path).read_bytes()[:4] == b"\x89PNG"
+    assert protocol.plot_report({k: {} for k in maps}, tmp_path / "empty.png") is None
+    assert not (tmp_path / "empty.png").exists()
 
 
 def test_fmnist_smoke_test_n_pass_then_extension(fmnist_run):

@@ -28,7 +28,7 @@ names (`pursamere-fast evaluate` configs once resolved), all written before any 
         [--choice CHOICE] [--smoke] --out-dir D TEMPLATE...                 # evaluate configs in D
     python -m pursamere_fast.attacks.protocol select --protocol P [--smoke] --config D/<select>.toml \\
         --out RUN                                          # RUN/choice.json, choice.md, augment.json
-    python -m pursamere_fast.attacks.protocol report --protocol P OUT       # OUT/report.md
+    python -m pursamere_fast.attacks.protocol report --protocol P OUT  # OUT/report.md, report.png
 
 `run` calls `train-score`, `score-quality`, `train-classifier`, `evaluate` and the steps above in
 one process (a torch import per stage would cost more than a smoke run's work) and logs each
@@ -78,6 +78,7 @@ from .. import checks
 from ..cli import ArgumentParser, existing_dir, existing_file, integer, option_errors
 from .cli import _check_keywords, _number_or_text, load_object, load_toml
 from .runner import _all_rows
+from .stats import wilson_interval
 from .suite import paired_robust, robust_per_image, summarise_dir
 from .sweep import choose_config, evaluations_per_purification
 
@@ -563,10 +564,86 @@ def verdicts(out_dir: str | os.PathLike) -> list[str]:
     return lines
 
 
-def report(out_dir: str | os.PathLike, title: str = "Protocol") -> str:
+_JOBS = ("main", "suite", "bpda200")
+
+
+def accuracy_panels(maps: Mapping) -> dict[tuple[str, str], dict[tuple[str, str], tuple[int, int]]]:
+    """{(job, measure): {(classifier, defence): (robust images, n)}} of `_robust_maps`, jobs in
+    the driver's order, each job's measures sorted; entries without an image left out."""
+    panels: dict = {}
+    for (clf, job, measure, d), robust in maps.items():
+        if robust:
+            panels.setdefault((job, measure), {})[(clf, d)] = (sum(robust.values()), len(robust))
+    order = {j: i for i, j in enumerate(_JOBS)}
+    return {k: panels[k] for k in sorted(panels, key=lambda k: (order.get(k[0], len(order)), k))}
+
+
+def _defence_order(name: str) -> tuple:
+    """The undefended classifier, ADP, PurSAMERE with SAM, without; rho in numeric order."""
+    group = 0 if name == "none" else 1 if name == "adp" else 2 if "-sam" in name else 3
+    return group, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def plot_report(maps: Mapping, path: str | os.PathLike) -> str | None:
+    """Robust accuracy with 95% Wilson intervals: a panel per test job and measure, a row per
+    defence, a marker per classifier, so that the paired claims can be read at a glance (the
+    verdicts are the paired tests). Returns the path, or None when no test job has rows yet."""
+    panels = accuracy_panels(maps)
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    height = max(len({d for _, d in cells}) for cells in panels.values()) * 0.32 + 1.3
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, height * rows), squeeze=False)
+    for ax, ((job, measure), cells) in zip(axes.flat, panels.items()):
+        defences = sorted({d for _, d in cells}, key=_defence_order)[::-1]  # the first at the top
+        clfs = [c for c in CLASSIFIERS if any(k[0] == c for k in cells)]
+        sizes = []
+        for j, (clf, marker) in enumerate(zip(clfs, "os")):
+            pts = [(y, cells[(clf, d)]) for y, d in enumerate(defences) if (clf, d) in cells]
+            ys = [y + 0.18 * (j - (len(clfs) - 1) / 2) for y, _ in pts]
+            acc = [100 * k / n for _, (k, n) in pts]
+            ci = [wilson_interval(k, n) for _, (k, n) in pts]
+            err = [[a - 100 * lo for a, (lo, _) in zip(acc, ci)], [100 * hi - a for a, (_, hi) in zip(acc, ci)]]
+            ns = sorted({n for _, (_, n) in pts})
+            sizes.append(f"{ns[0] if len(ns) == 1 else f'{ns[0]}-{ns[-1]}'} ({clf})")
+            ax.errorbar(acc, ys, xerr=err, fmt=marker, capsize=2, markersize=4, label=f"{clf} classifier")
+        ax.set_yticks(range(len(defences)), defences, fontsize=7)
+        ax.set_xlim(0, 100)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(f"{job}: {measure}\nn = {', '.join(sizes)}", fontsize=8)
+        ax.set_xlabel("robust accuracy % (95% Wilson CI)", fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    # One legend for the figure, outside the panels (n per classifier is in each panel's labels).
+    handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def write_report(out_dir: str | os.PathLike, title: str = "Protocol") -> str:
+    """Write OUT/report.md and, once a test job has rows, OUT/report.png (`plot_report`), which
+    the markdown shows; return the markdown."""
+    out = Path(out_dir)
+    figure = plot_report(_robust_maps(out), out / "report.png")
+    text = report(out, title, figure=figure and "report.png")
+    (out / "report.md").write_text(text)
+    return text
+
+
+def report(out_dir: str | os.PathLike, title: str = "Protocol", figure: str | None = None) -> str:
     """Markdown of a protocol run directory: the score model and its quality table, the
-    classifiers, the choice, every evaluation's summary.md (test/<classifier>/<job>) as written
-    by its run, then the verdicts."""
+    classifiers, the choice, the figure (a path relative to the report) when given, every
+    evaluation's summary.md (test/<classifier>/<job>) as written by its run, then the verdicts."""
     out = Path(out_dir)
     lines = [f"# {title}"]
     score = out / "train_score" / "metrics.json"
@@ -589,6 +666,8 @@ def report(out_dir: str | os.PathLike, title: str = "Protocol") -> str:
     choice = out / "select" / CHOICE_MD
     if choice.is_file():
         lines += ["", "## Selection", "", choice.read_text()]
+    if figure:
+        lines += ["", "## Robust accuracy", "", f"![robust accuracy of every test measure]({figure})"]
     for summary in sorted(out.glob("test/*/*/summary.md")):
         lines += ["", f"## {summary.parent.parent.name} classifier: {summary.parent.name}", "", summary.read_text()]
     lines += verdicts(out)
@@ -793,7 +872,7 @@ def _run_cmd(argv: Sequence[str]) -> int:
     for job, config in tests.items():
         for classifier in CLASSIFIERS:
             evaluate(f"test_{classifier}_{job}", config, out / "test" / classifier / job, classifier)
-    (out / "report.md").write_text(report(out, names["title"]))
+    write_report(out, names["title"])
     print(f"{_now()} done: {out / 'report.md'}")
     return 0
 
@@ -859,16 +938,14 @@ def _select_cmd(argv: Sequence[str]) -> int:
 
 def _report_cmd(argv: Sequence[str]) -> int:
     p = ArgumentParser(prog="python -m pursamere_fast.attacks.protocol report",
-                       description="Write OUT/report.md: score model, classifiers, selection, every evaluation "
-                                   "summary and the verdicts.")
+                       description="Write OUT/report.md (and its figure, report.png): score model, classifiers, "
+                                   "selection, every evaluation summary and the verdicts.")
     p.add_argument("out", type=existing_dir, help="the protocol's output directory")
     p.add_argument("--protocol", type=existing_file, required=True, help="configs/<name>_protocol.toml (its title)")
     args = p.parse_args(argv)
     with option_errors(p, "--protocol"):
         title = spec(load_toml(args.protocol))["title"]
-    text = report(args.out, title)
-    Path(args.out, "report.md").write_text(text)
-    sys.stdout.write(text)
+    sys.stdout.write(write_report(args.out, title))
     return 0
 
 
