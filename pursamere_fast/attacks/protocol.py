@@ -538,12 +538,12 @@ def _comparisons(maps: Mapping) -> list[tuple]:
     return sorted((c for c in out if c[6]["n"]), key=lambda c: list(CLAIMS).index(c[0]))
 
 
-def verdicts(out_dir: str | os.PathLike) -> list[str]:
+def verdicts(maps: Mapping) -> list[str]:
     """Markdown lines: for each of the paper's claims (`CLAIMS`), a tally of its paired
-    comparisons (`_comparisons`: exact McNemar on the images both sides have, at the 5% level)
-    and every comparison with its verdict. A claim's tally counts its comparisons, which share
-    images and are not independent: it is a summary, not a test."""
-    comps = _comparisons(_robust_maps(Path(out_dir)))
+    comparisons (`_comparisons` of `_robust_maps`: exact McNemar on the images both sides have,
+    at the 5% level) and every comparison with its verdict. A claim's tally counts its
+    comparisons, which share images and are not independent: it is a summary, not a test."""
+    comps = _comparisons(maps)
     if not comps:
         return []
     lines = ["", "## Verdicts", "",
@@ -621,7 +621,7 @@ def plot_report(maps: Mapping, path: str | os.PathLike) -> str | None:
         ax.tick_params(axis="x", labelsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    # One legend for the figure, outside the panels (n per classifier is in each panel's labels).
+    # One legend for the figure, outside the panels (each panel's title has its n).
     handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
     fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
@@ -631,20 +631,20 @@ def plot_report(maps: Mapping, path: str | os.PathLike) -> str | None:
 
 
 def write_report(out_dir: str | os.PathLike, title: str = "Protocol") -> str:
-    """Write OUT/report.md and, once a test job has rows, OUT/report.png (`plot_report`), which
-    the markdown shows; return the markdown."""
-    out = Path(out_dir)
-    figure = plot_report(_robust_maps(out), out / "report.png")
-    text = report(out, title, figure=figure and "report.png")
-    (out / "report.md").write_text(text)
+    """Write OUT/report.md and, once a test job has rows, its figure OUT/report.png; return the
+    markdown."""
+    text = report(out_dir, title, figure="report.png")
+    Path(out_dir, "report.md").write_text(text)
     return text
 
 
 def report(out_dir: str | os.PathLike, title: str = "Protocol", figure: str | None = None) -> str:
     """Markdown of a protocol run directory: the score model and its quality table, the
-    classifiers, the choice, the figure (a path relative to the report) when given, every
-    evaluation's summary.md (test/<classifier>/<job>) as written by its run, then the verdicts."""
+    classifiers, the choice, the figure, every evaluation's summary.md (test/<classifier>/<job>)
+    as written by its run, then the verdicts. `figure`: a file name in the run directory to draw
+    `plot_report` to and show, once a test job has rows."""
     out = Path(out_dir)
+    maps = _robust_maps(out)
     lines = [f"# {title}"]
     score = out / "train_score" / "metrics.json"
     if score.is_file():
@@ -666,11 +666,11 @@ def report(out_dir: str | os.PathLike, title: str = "Protocol", figure: str | No
     choice = out / "select" / CHOICE_MD
     if choice.is_file():
         lines += ["", "## Selection", "", choice.read_text()]
-    if figure:
+    if figure and plot_report(maps, out / figure):
         lines += ["", "## Robust accuracy", "", f"![robust accuracy of every test measure]({figure})"]
     for summary in sorted(out.glob("test/*/*/summary.md")):
         lines += ["", f"## {summary.parent.parent.name} classifier: {summary.parent.name}", "", summary.read_text()]
-    lines += verdicts(out)
+    lines += verdicts(maps)
     return "\n".join(lines) + "\n"
 
 
