@@ -9,5 +9,7 @@ from .graphs import clear_graph_cache
 from .purifier import Purifier
 from .purify import NonFiniteScoreError, make_noise, purify
 
-__all__ = ["purify", "PurifyConfig", "Purifier", "make_noise", "geometric_sigmas", "NonFiniteScoreError", "clear_graph_cache"]
+__all__ = [
+    "purify", "PurifyConfig", "Purifier", "make_noise", "geometric_sigmas", "NonFiniteScoreError", "clear_graph_cache",
+]
 __version__ = "0.1.0"

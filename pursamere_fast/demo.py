@@ -48,7 +48,8 @@ def save_grid(path, clean, adv, pur, n=8):
     import matplotlib.pyplot as plt
 
     n = min(n, len(clean))
-    cols = [("clean", clean), ("adversarial", adv), ("purified", pur), ("|purified - clean| x5", (pur - clean).abs() * 5)]
+    cols = [("clean", clean), ("adversarial", adv), ("purified", pur),
+            ("|purified - clean| x5", (pur - clean).abs() * 5)]
     fig, axes = plt.subplots(n, 4, figsize=(6, 1.5 * n))
     for i in range(n):
         for j, (title, imgs) in enumerate(cols):

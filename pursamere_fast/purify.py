@@ -133,8 +133,8 @@ def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=
         for chunk in x_adv.split(chunk_images(config, plan["chunk_rows"])):
             chunk = chunk.detach().to(compute).clone()
             if backend == "reference":
-                x, trace, trace_sam, grad_sum = *purify_reference(chunk, _CheckedScore(score_fn, config), config, noise), \
-                    None, None
+                x, trace = purify_reference(chunk, _CheckedScore(score_fn, config), config, noise)
+                trace_sam, grad_sum = None, None
             elif use_graph:
                 def make_loop(chunk=chunk):
                     return _FusedLoop(score_fn, config, chunk.shape, chunk.dtype, chunk.device, backend)

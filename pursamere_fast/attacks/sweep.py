@@ -395,8 +395,10 @@ def sweep_markdown(choice: Mapping) -> str:
     for r in choice["rows"]:
         lo, hi = r["robust_ci"]
         lines.append(f"| {r['defence']} | {r['cost']} | {r['n']} | {100 * r['clean_acc']:.1f} "
-                     f"| {100 * r['tiebreak_acc']:.1f} | {100 * r['robust_acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] "
-                     f"| {'yes' if r['eligible'] else 'no'} | {'**yes**' if r['defence'] == choice['chosen'] else ''} |")
+                     f"| {100 * r['tiebreak_acc']:.1f} "
+                     f"| {100 * r['robust_acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] "
+                     f"| {'yes' if r['eligible'] else 'no'} "
+                     f"| {'**yes**' if r['defence'] == choice['chosen'] else ''} |")
     return "\n".join(lines) + "\n"
 
 
