@@ -748,3 +748,19 @@ def test_fmnist_driver_refuses_a_score_trained_on_the_held_out_images(tmp_path):
         proc = _fmnist_driver(tmp_path / "fashion", *args, timeout=60)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert message in proc.stderr
+
+
+def test_stage_log_keeps_earlier_runs_and_a_failure_exits(tmp_path, capsys):
+    (tmp_path / "logs").mkdir()
+    protocol._stage(tmp_path, "job", "pursamere-fast job", lambda argv: print("first pass", argv), ["--n", "1"])
+    protocol._stage(tmp_path, "job", "pursamere-fast job", lambda argv: print("second pass", argv), ["--n", "2"])
+    log = (tmp_path / "logs" / "job.log").read_text()
+    # A stage rerun at a larger n appends: the earlier pass's output stays, each run with its command.
+    assert log.count("$ pursamere-fast job --n ") == 2 and log.index("first pass") < log.index("second pass")
+    assert re.search(r"^# \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\n\$ pursamere-fast job --n 1\n", log)
+
+    def fails(argv):
+        raise RuntimeError("boom")
+    with pytest.raises(SystemExit):
+        protocol._stage(tmp_path, "job", "pursamere-fast job", fails, [])
+    assert "boom" in (tmp_path / "logs" / "job.log").read_text() and "stage job failed" in capsys.readouterr().err

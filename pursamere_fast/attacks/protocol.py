@@ -693,14 +693,18 @@ def _now() -> str:
 
 
 def _stage(out: Path, name: str, command: str, func, argv: Sequence[str]) -> None:
-    """Run one stage in this process, its output to out/logs/<name>.log (which starts with the
-    equivalent command, to rerun it alone); a failure prints the log's end and exits. A stage's
-    --threads (score-quality sets 1) does not carry over to the next."""
+    """Run one stage in this process, its output appended to out/logs/<name>.log (each run starts
+    with its UTC time and the equivalent command, to rerun it alone): appended, because a stage
+    resumed over sessions (or stopped to be rerun at a larger n) keeps the log of its earlier
+    passes. A failure prints the log's end and exits. A stage's --threads (score-quality sets 1)
+    does not carry over to the next."""
     log = out / "logs" / f"{name}.log"
     print(f"{_now()} {name} ...", flush=True)
     t0, threads = time.monotonic(), torch.get_num_threads()
-    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        print(f"$ {command} {shlex.join(argv)}", flush=True)
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        if f.tell():
+            print()
+        print(f"# {_now()}\n$ {command} {shlex.join(argv)}", flush=True)
         try:
             code = func(list(argv))
         except SystemExit as e:  # argparse's one-line errors end a command so
