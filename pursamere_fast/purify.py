@@ -21,6 +21,7 @@ from torch import nn
 from . import checks, graphs, kernels
 from .config import PurifyConfig
 from .reference.purify import purify_reference
+from .scores.boundary import NonFiniteScoreError, call_score
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 # Score pixels (rows x H x W) per chunk on a CPU. The shipped Fashion-MNIST score network
@@ -29,10 +30,6 @@ BACKENDS = ("auto", "reference", "torch", "triton")
 # the cache. Purifying 64 shipped images (N = 2) in chunks of 64 rows instead of 128 took
 # 41 ms/img instead of 54 (bench/bench_score_options.py).
 CPU_CHUNK_PIXELS = 64 * 28 * 28
-
-
-class NonFiniteScoreError(FloatingPointError):
-    """The score model produced NaN or Inf inside the loop (its output or its input-gradient)."""
 
 
 def make_noise(config: PurifyConfig, image_shape, device=None, dtype=None) -> torch.Tensor:
@@ -255,7 +252,7 @@ class _FusedLoop:
         # dL/dy for L = sum_b e_b; the ERE itself goes to row k of `trace` as a by-product.
         b, n, d = self.b, self.n, self.d
         yl = y.view(b * n, *self.img).detach().requires_grad_(True)
-        s = check_score_output(self.score(yl, self.sigma_rows), yl)
+        s = call_score(self.score, yl, self.sigma_rows)
         ere_residual, _, _ = self._ops
         ere_residual(s.detach().reshape(b * n, d), self.eps, self.sigma, n, self.dlds, self.sqnorm)
         torch.mean(self.sqnorm.view(b, n), dim=1, out=self.ere_row[0])
@@ -293,21 +290,6 @@ def check_score(score) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-def check_score_output(s, y: torch.Tensor) -> torch.Tensor:
-    """The score's output for input y, cast to y's dtype, or a ValueError saying what is wrong."""
-    if not isinstance(s, torch.Tensor) or not s.is_floating_point():
-        raise ValueError(f"score must return a floating torch.Tensor, got {getattr(s, 'dtype', type(s).__name__)}")
-    if s.shape != y.shape:
-        raise ValueError(f"score returned shape {tuple(s.shape)}, expected {tuple(y.shape)}")
-    if s.device != y.device:
-        raise ValueError(f"score returned a tensor on {s.device}, expected {y.device} (the input's device)")
-    if y.requires_grad and not s.requires_grad:
-        raise ValueError("score returned a tensor that does not depend on its input y through autograd (detached, "
-                         "computed under torch.no_grad(), or constant): purification descends the score's gradient "
-                         "with respect to y")
-    return s.to(y.dtype)
-
-
 class _CheckedScore:
     """The score as the reference and exact loops call it, checked at every call.
 
@@ -327,7 +309,8 @@ class _CheckedScore:
         self.calls += 1
         if not bool(torch.isfinite(y.detach()).all()):
             raise _grad_error(self.config, k - 1 if first == 0 else k)
-        s = check_score_output(self.score(y, sigma), y)
+        # The exact loop differentiates this call twice (attention then runs on the math kernel).
+        s = call_score(self.score, y, sigma, double_backward=y.requires_grad and torch.is_grad_enabled())
         if not bool(torch.isfinite(s.detach()).all()):
             raise _output_error(self.config, k)
         return s

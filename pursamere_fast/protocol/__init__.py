@@ -1,0 +1,1 @@
+"""The paper protocol as a library: spec, selection, report."""
