@@ -5,9 +5,12 @@
 - `hetero.py`: `HeteroPurifier`, heterogeneous-noise diffusion purification (Pei et al.,
   CVPR 2025; SPEC 8): strong noise on the classifier's salient pixels, weak noise elsewhere,
   DDIM back; with its building blocks `saliency_mask`, `saliency_map`, `ddim_step`.
+- `diffpure.py`: `DiffPurePurifier`, DiffPure (Nie et al., ICML 2022; SPEC 12): VP diffusion
+  to t*, then the reverse SDE or the probability-flow ODE back to t = 0.
 """
 
 from .adp import ADPPurifier
+from .diffpure import DiffPurePurifier
 from .hetero import (
     MASKS,
     SALIENCY_STAGES,
@@ -20,4 +23,4 @@ from .hetero import (
 )
 
 __all__ = ["ADPPurifier", "HeteroPurifier", "HeteroNoise", "MASKS", "SALIENCY_STAGES", "saliency_map",
-           "saliency_mask", "ddim_step", "vp_alpha_bar"]
+           "saliency_mask", "ddim_step", "vp_alpha_bar", "DiffPurePurifier"]
