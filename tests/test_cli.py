@@ -4,6 +4,7 @@ import argparse
 import sys
 
 import pytest
+from test_data import write_fashion
 
 from pursamere_fast import cli
 from pursamere_fast.attacks import sweep
@@ -120,7 +121,10 @@ CASES = [
     (["train-classifier", "--out", "{tmp}/o", "--threads", "0"], "--threads"),
     (["train-classifier", "--out", "{tmp}/o", "--dataset", "cifar10"], "--data-root"),
     (["train-classifier", "--out", "{tmp}/o", "--purify-score", "{tmp}/missing"], "--purify-score"),
-    (["train-classifier", "--out", "{tmp}/o", "--purify-score", "{tmp}/not_safetensors.bin"], "--purify-score"),
+    # With tiny IDX files as --data-root: the score file is read after the data, and the suite must not
+    # depend on Debian's dataset-fashion-mnist being installed.
+    (["train-classifier", "--out", "{tmp}/o", "--data-root", "{tmp}/fashion", "--purify-score",
+      "{tmp}/not_safetensors.bin"], "--purify-score"),
     (["train-classifier", "--out", "{tmp}/o", "--purify-config", '{{"rho": 1}}'], "--purify-config"),
 ]
 
@@ -141,6 +145,8 @@ SWEEP_CASES = [
 def files(tmp_path):
     for name, text in FILES.items():
         (tmp_path / name).write_text(text.format(tmp=tmp_path) if name.startswith("sweep") else text)
+    write_fashion(tmp_path / "fashion", "train", n=6, seed=1)
+    write_fashion(tmp_path / "fashion", "test", n=4, seed=2)
     return tmp_path
 
 
