@@ -13,7 +13,7 @@ import torch
 
 
 def diffpure_reference(x, score, noise, *, t_star=0.1, steps=100, method="sde", beta_min=0.1, beta_max=20.0,
-                       clamp=True):
+                       clamp=True, vp_score=None):
     """One DiffPure purification.
 
     Args:
@@ -27,6 +27,8 @@ def diffpure_reference(x, score, noise, *, t_star=0.1, steps=100, method="sde", 
         beta_min, beta_max: beta(t) = beta_min + t (beta_max - beta_min).
         clamp: clamp the output to [0, 1] (False returns (x + 1) / 2 unclamped, for tests of
             the sampler's distribution).
+        vp_score: if given, s_b(x, t) itself (x in [-1, 1]-space, t a float) replaces the
+            conversion of `score` (e.g. score_sde's -f(x, 999 t) / sqrt(1 - ab(t))).
 
     Returns:
         (B, C, H, W) purified images.
@@ -37,12 +39,13 @@ def diffpure_reference(x, score, noise, *, t_star=0.1, steps=100, method="sde", 
     def beta(t):
         return beta_min + t * (beta_max - beta_min)
 
-    def vp_score(xt, t):
+    def converted(xt, t):
         ab = alpha_bar(t)
         y = (xt / math.sqrt(ab) + 1) / 2
         sigma = torch.full((xt.shape[0],), math.sqrt((1 - ab) / ab) / 2, dtype=xt.dtype, device=xt.device)
         return score(y, sigma) / (2 * math.sqrt(ab))
 
+    vp_score = vp_score or converted
     xb = 2 * x - 1
     ab_star = alpha_bar(t_star)
     xt = math.sqrt(ab_star) * xb + math.sqrt(1 - ab_star) * noise[0]

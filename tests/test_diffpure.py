@@ -12,6 +12,7 @@ from pursamere_fast.reference import diffpure_reference
 
 from pursamere_fast.nets import ConvScoreNet
 from pursamere_fast.purifiers import DiffPurePurifier
+from pursamere_fast.scores import ContinuousVPScore, NonFiniteScoreError
 
 pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]
 
@@ -92,6 +93,50 @@ def test_ode_ignores_the_step_noise_and_sde_uses_it():
         other[1:] = torch.randn(other[1:].shape, generator=torch.Generator().manual_seed(9))
         same = torch.equal(p(x, noise), p(x, other))
         assert same == (method == "ode"), method
+
+
+class EpsNet(torch.nn.Module):
+    """A tiny score_sde-style continuous VP eps-network f(x_t, label), label = 999 t."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1, dtype=torch.float64)
+
+    def forward(self, x_t, label):
+        return torch.tanh(self.conv(x_t)) * (1 + label.view(-1, 1, 1, 1) / 999)
+
+
+@pytest.mark.parametrize("method", ["sde", "ode"])
+def test_continuous_vp_score_round_trip_is_the_official_score(method):
+    """DiffPure's own CIFAR-10 model (score_sde continuous VP) through `ContinuousVPScore` and the
+    VE -> VP conversion gives the official VP score -f(x, 999 t) / sqrt(1 - ab(t)), up to rounding."""
+    f = EpsNet().requires_grad_(False)
+    p = DiffPurePurifier(ContinuousVPScore(f), method=method, **SMALL)
+    x = images(2)
+    noise = p.make_noise(x.shape[1:])
+
+    def official(xt, t):
+        ab = math.exp(-0.5 * t * t * 19.9 - 0.1 * t)
+        return -f(xt, torch.full((xt.shape[0],), 999 * t, dtype=xt.dtype)) / math.sqrt(1 - ab)
+
+    ref = reference(p, x, noise, vp_score=official)
+    assert not torch.allclose(ref, reference(p, x, noise, vp_score=lambda xt, t: 0 * xt), atol=1e-3)
+    torch.testing.assert_close(p(x, noise), ref, rtol=0, atol=1e-12)  # measured: 2.2e-16
+
+
+def test_non_finite_score_names_the_step_and_sigma():
+    score = net()
+    calls = []
+
+    def bad(y, sigma):
+        calls.append(float(sigma[0]))
+        s = score(y, sigma)
+        return s * float("nan") if len(calls) == 3 else s
+
+    p = DiffPurePurifier(bad, **SMALL)
+    with pytest.raises(NonFiniteScoreError, match=r"step 2 \(sigma=" + f"{p._plan[2].sigma:.6g}".replace(".", r"\.")):
+        p(images(2))
 
 
 # --- noise modes, determinism, batch invariance ---------------------------------------------

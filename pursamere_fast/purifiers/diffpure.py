@@ -20,8 +20,12 @@ Fast path. Each step is one network call and two fused affine maps whose coeffic
 computed once per purifier on the host in float64 (`_Step`):
     y = u x + 1/2,   x <- a x + c s(y, sigma') + g z_(i+1)
 with u = 1 / (2 sqrt(ab)), a = 1 + h beta / 2, c = k h beta u, g = sqrt(beta h). The sigma'
-tensors are built once per call, before the loop. The network is all of the cost at any
-realistic size; what matters is the bookkeeping below.
+tensors are built once per call, before the loop, and nothing syncs with the host inside it:
+the score is called through `pursamere_fast.scores.boundary.ScoreCall`, which checks each
+output and records NaN/Inf on the device, raised once after the loop (`NonFiniteScoreError`
+naming the step and sigma'). A `ContinuousVPScore` (DiffPure's own score_sde model) goes
+through the same conversion: the round trip VP -> VE -> VP is exact up to rounding (2e-16
+in float64, tests/test_diffpure.py). The network is all of the cost at any realistic size.
 
 Noise. z_0 .. z_S, each (C, H, W), are shared by every image of a batch, so an image's result
 does not depend on its batch mates (batch invariance: re-batching inside an attack changes
@@ -55,6 +59,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import checks
 from ..purifier import GRAD_MODES
+from ..scores.boundary import ScoreCall
 
 __all__ = ["DiffPurePurifier", "METHODS", "NOISE_MODES", "vp_continuous_alpha_bar"]
 
@@ -183,10 +188,10 @@ class DiffPurePurifier(nn.Module):
             self._cache = (key, self.make_noise(x.shape[1:]).to(device=x.device, dtype=x.dtype))
         return self._cache[1]
 
-    def _step(self, x: torch.Tensor, z: torch.Tensor | None, sigma: torch.Tensor, step: _Step) -> torch.Tensor:
-        s = self.score(x * step.u + 0.5, sigma)
-        if s.shape != x.shape:
-            raise ValueError(f"score returned shape {tuple(s.shape)}, expected {tuple(x.shape)}")
+    @staticmethod
+    def _step(call: ScoreCall, x: torch.Tensor, z: torch.Tensor | None, sigma: torch.Tensor, step: _Step, i: int
+              ) -> torch.Tensor:
+        s = call(x * step.u + 0.5, sigma, i)
         out = torch.add(x * step.a, s, alpha=step.c)
         return out if z is None else torch.add(out, z, alpha=step.g)
 
@@ -197,13 +202,17 @@ class DiffPurePurifier(nn.Module):
         sigmas = torch.tensor([st.sigma for st in self._plan], dtype=x.dtype).to(x.device)
         sigmas = sigmas[:, None].repeat(1, x.shape[0])  # (S, B): row i is the score's sigma at step i
         full = self.grad_mode.startswith("full") and torch.is_grad_enabled()
+        # One boundary per forward pass: it checks every output (shape, dtype, device, graph)
+        # and records NaN/Inf without a host sync; the math attention kernel under "full".
+        call = ScoreCall(self.score, double_backward=full)
         sde = self.method == "sde"
         for i, step in enumerate(self._plan):
             zi = z[i + 1] if sde else None
             if full:
-                state = checkpoint(self._step, state, zi, sigmas[i], step, use_reentrant=False)
+                state = checkpoint(self._step, call, state, zi, sigmas[i], step, i, use_reentrant=False)
             else:
-                state = self._step(state, zi, sigmas[i], step)
+                state = self._step(call, state, zi, sigmas[i], step, i)
+        call.raise_if_nonfinite()
         return state
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,7 +227,10 @@ class DiffPurePurifier(nn.Module):
             Purified images in [0, 1], x's shape, dtype and device.
 
         Raises:
-            ValueError: bad x, bad noise, or a score that returns the wrong shape.
+            ValueError: bad x, bad noise, or a score that returns a wrong output (not a
+                floating tensor of the input's shape and device, or detached under "full").
+            NonFiniteScoreError: the score returned NaN/Inf (the message names the first such
+                step and its sigma').
         """
         checks.images("x", x)
         z = self._noise(x, noise)
