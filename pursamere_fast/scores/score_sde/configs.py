@@ -290,8 +290,3 @@ def _check_consistency(cfg: ScoreSdeConfig, model: _Section) -> None:
     if cfg.name == "ddpm" and cfg.scale_by_sigma:
         # The official DDPM indexes its sigma table by the (real-valued) label: it cannot run.
         raise ValueError("config.model.scale_by_sigma must be false for a continuous ddpm model")
-    for width in sorted({cfg.nf * m for m in cfg.ch_mult}):
-        groups = min(width // 4, 32) if cfg.name == "ncsnpp" else 32
-        if groups < 1 or width % groups:
-            raise ValueError(f"config.model.nf ({cfg.nf}) x ch_mult {list(cfg.ch_mult)} gives width {width}, which "
-                             f"GroupNorm cannot split into {groups} groups")

@@ -50,7 +50,14 @@ def score_sde_network(config) -> nn.Module:
         ValueError: the config is invalid (the message names the field).
     """
     cfg = config if isinstance(config, ScoreSdeConfig) else parse_config(config)
-    return NCSNpp(cfg) if cfg.name == "ncsnpp" else DDPM(cfg)
+    try:
+        return NCSNpp(cfg) if cfg.name == "ncsnpp" else DDPM(cfg)
+    except ValueError as err:
+        if "divisible by num_groups" not in str(err):
+            raise
+        # Concatenated skip widths are only known while building: report the fields behind them.
+        raise ValueError(f"config.model.nf ({cfg.nf}) x ch_mult {list(cfg.ch_mult)} gives a width GroupNorm "
+                         f"cannot split: {err}") from err
 
 
 def score_sde_adapter(net: nn.Module, config) -> ContinuousVPScore | VEScore:
