@@ -78,6 +78,15 @@ class PurifyConfig:
         """K, the total number of Adam steps."""
         return len(self.sigmas) * self.steps_per_sigma
 
+    @property
+    def score_evaluations(self) -> int:
+        """Score forward+backward passes per image of one purification: K * N * (2 with SAM, else 1).
+
+        The one statement of a purification's cost: the sweep's and the protocol's selection
+        rules compare configs by it.
+        """
+        return self.num_steps * self.n_samples * (2 if self.sam_radius > 0 else 1)
+
     def step_sigmas(self) -> list[float]:
         """sigma_k for k = 0..K-1."""
         return [s for s in self.sigmas for _ in range(self.steps_per_sigma)]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import json
 import os
 import sys
@@ -29,15 +28,15 @@ from .. import checks
 from ..cli import (ArgumentParser, choice, device, existing_file, integer, listed, number, option_errors, random_seed,
                    real)
 from ..purify import BACKENDS
-from ..purifiers import ADPPurifier
+from .defences import KINDS, DefenceContext, build_defence, check_keywords, kind_names
 from .pgd import NORMS
 from .runner import _dist, _get, _len, evaluate, markdown_table
 from .sanity import run_sanity, sanity_markdown
 from .suite import autoattack_check, autoattack_markdown, default_suite, run_suite, suite_markdown, summarise_dir
 from .threats import THREATS, AttackSpec, Defence, grid
 
-DEFENCES = ("none", "pursamere", "adp", "hetero")
-_TABLES = ("classifier_kwargs", "score_kwargs", "data_kwargs", "pursamere", "adp", "hetero", "attack", "defence")
+DEFENCES = kind_names()
+_TABLES = ("classifier_kwargs", "score_kwargs", "data_kwargs", *DEFENCES[1:], "attack", "defence")
 _ARRAYS = ("attack", "defence")
 _ATTACK_FIELDS = tuple(f.name for f in dataclasses.fields(AttackSpec))
 
@@ -59,17 +58,6 @@ def load_toml(path) -> dict:
         raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
     except ValueError as e:  # TOMLDecodeError, or bytes that are not UTF-8
         raise ValueError(f"{path} is not valid TOML: {e}") from None
-
-
-def _check_keywords(what: str, func, kwargs: dict, exclude: Sequence[str] = ()) -> None:
-    """ValueError naming `what` when `func` takes no keyword argument of one of kwargs' keys (a typo in a table)."""
-    params = inspect.signature(func).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in exclude]
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ValueError(f"{what} takes no argument {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
 
 
 def load_object(spec: str, kwargs: dict | None = None):
@@ -95,7 +83,7 @@ def load_object(spec: str, kwargs: dict | None = None):
     except (ImportError, AttributeError) as e:
         raise ValueError(f"cannot load {spec!r}: {e}") from None
     if callable(obj):
-        _check_keywords(repr(spec), obj, kwargs or {})
+        check_keywords(repr(spec), obj, kwargs or {})
         obj = obj(**(kwargs or {}))
     for f in fields:
         if not hasattr(obj, f):
@@ -180,7 +168,7 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", type=existing_file,
                    help="TOML file; its keys are the long options (dashes or underscores), "
                         "plus tables [classifier_kwargs], [score_kwargs], [data_kwargs], "
-                        "[pursamere], [adp], [hetero], an optional [[attack]] array of AttackSpec fields and an "
+                        f"{', '.join(f'[{k}]' for k in DEFENCES[1:])}, an optional [[attack]] array of AttackSpec fields and an "
                         "optional [[defence]] array of named defences (name, kind = one of "
                         f"{', '.join(DEFENCES)}, and that kind's settings), which replaces --defences. "
                         "Its factories are code that is imported and called: only run configs you trust")
@@ -201,9 +189,9 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--pursamere", action="append", default=[], metavar="KEY=VALUE",
                    help="PurifyConfig override for the pursamere defence (repeatable; VALUE is JSON or a "
                         "fraction such as 8/255)")
-    p.add_argument("--adp", action="append", default=[], metavar="KEY=VALUE", help="ADPPurifier argument")
-    p.add_argument("--hetero", action="append", default=[], metavar="KEY=VALUE",
-                   help="HeteroPurifier argument, or runs=R: the majority vote over R runs")
+    for kind in DEFENCES[2:]:  # each kind's settings, e.g. --adp KEY=VALUE (the registry's kinds)
+        p.add_argument(f"--{kind}", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"setting of the {kind} defence: {KINDS[kind].summary} (repeatable)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="purify backend")
     p.add_argument("--score-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="precision of the pursamere score network (bfloat16: autocast, for the attack and the "
@@ -318,32 +306,6 @@ def _base_config(p: argparse.ArgumentParser, args):
         return load_purify_config(args.purify_config)
 
 
-def adp_defence(score, kwargs: dict, **name) -> Defence:
-    """`Defence.adp(score, **name, **kwargs)`, a key that ADPPurifier does not take refused by name.
-
-    Raises:
-        ValueError: an unknown key, or a bad value (ADPPurifier's checks).
-    """
-    # The defence passes score and grad_mode itself.
-    _check_keywords("ADPPurifier", ADPPurifier, kwargs, exclude=("score", "grad_mode"))
-    return Defence.adp(score, **name, **kwargs)
-
-
-def hetero_defence(score, classifier, kwargs: dict, **name) -> Defence:
-    """`Defence.hetero(score, classifier, **name, **kwargs)`, a key that HeteroPurifier does not
-    take (besides runs) refused by name.
-
-    Raises:
-        ValueError: an unknown key, or a bad value (HeteroPurifier's checks).
-    """
-    from ..purifiers import HeteroPurifier
-
-    kwargs = dict(kwargs)
-    runs = kwargs.pop("runs", 1)
-    _check_keywords("HeteroPurifier", HeteroPurifier, kwargs, exclude=("score", "classifier", "grad_mode"))
-    return Defence.hetero(score, classifier, **name, runs=checks.integer("runs", runs, 1), **kwargs)
-
-
 def _pursamere_overrides(cfg, args) -> dict:
     return {**_kv(cfg.get("pursamere")), **_kv(args.pursamere)}
 
@@ -384,28 +346,16 @@ def _defence_entries(p: argparse.ArgumentParser, args, cfg) -> list[tuple[str, s
 
 def _defences(p: argparse.ArgumentParser, entries, args, cfg, score=None, classifier=None) -> list[Defence]:
     """The defences of `entries` ((name, kind, settings) as `_defence_entries` gives; settings
-    override the kind's table and KEY=VALUE options)."""
+    override the kind's table and KEY=VALUE options), built by the registry of `defences`."""
     out = []
     for name, kind, settings in entries:
-        named = {"name": name}
-        if kind == "none":
-            out.append(Defence.none(**named))
-            continue
-        if score is None:
+        if KINDS[kind].needs_score and score is None:
             score = _load_score(p, args, cfg)
-        where = "--config" if settings else f"--{kind}"
-        if kind == "pursamere":
-            base = _base_config(p, args)
-            with option_errors(p, where):
-                out.append(Defence.pursamere(score, base, backend=args.backend, score_dtype=_score_dtype(args),
-                                             **named, **{**_pursamere_overrides(cfg, args), **_kv(settings)}))
-        elif kind == "adp":
-            with option_errors(p, where):
-                out.append(adp_defence(score, {**_kv(cfg.get("adp")), **_kv(args.adp), **_kv(settings)}, **named))
-        else:  # "hetero": the parser allows no other kind
-            with option_errors(p, where):
-                out.append(hetero_defence(score, classifier, {**_kv(cfg.get("hetero")), **_kv(args.hetero),
-                                                              **_kv(settings)}, **named))
+        base = _base_config(p, args) if kind == "pursamere" else None
+        context = DefenceContext(score, classifier, base, args.backend, _score_dtype(args))
+        with option_errors(p, "--config" if settings else f"--{kind}"):
+            merged = {**_kv(cfg.get(kind)), **_kv(getattr(args, kind, None)), **_kv(settings)}
+            out.append(build_defence(kind, merged, context, name=name))
     return out
 
 

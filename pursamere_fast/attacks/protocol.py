@@ -76,11 +76,12 @@ import torch
 
 from .. import checks
 from ..cli import ArgumentParser, existing_dir, existing_file, integer, option_errors
-from .cli import _check_keywords, _number_or_text, load_object, load_toml
+from .cli import _number_or_text, load_object, load_toml
+from .defences import check_settings
 from .runner import _all_rows
 from .stats import wilson_interval
 from .suite import paired_robust, robust_per_image, summarise_dir
-from .sweep import choose_config, evaluations_per_purification
+from .sweep import choose_config
 
 # The selection's groups, each chosen separately: PurSAMERE with and without SAM (every grid
 # has both) and ADP (when the grid has ADP points: the baseline re-tuned on the same images).
@@ -380,12 +381,15 @@ def _grid(config: Mapping) -> dict[str, tuple[str, dict, int]]:
         fields = _numbers({k: v for k, v in e.items() if k not in ("name", "kind")})
         if kind == "pursamere":
             cfg = PurifyConfig().with_overrides(**{**bases[kind], **fields})
-            points[e["name"]] = ("sam" if cfg.sam_radius > 0 else "nosam", fields, evaluations_per_purification(cfg))
+            points[e["name"]] = ("sam" if cfg.sam_radius > 0 else "nosam", fields, cfg.score_evaluations)
         else:
             # One score evaluation per ascent step. ADPPurifier checks the fields and knows the
             # default steps; the identity stands in for the score, which it does not call here.
             settings = {**bases[kind], **fields}
-            _check_keywords(f"[[defence]] {e['name']!r}", ADPPurifier, settings, exclude=("score", "grad_mode"))
+            try:
+                check_settings("adp", settings)
+            except ValueError as err:
+                raise ValueError(f"[[defence]] {e['name']!r}: {err}") from None
             adp = ADPPurifier(lambda y, sigma: y, **settings)
             points[e["name"]] = ("adp", fields, adp.steps)
     return points

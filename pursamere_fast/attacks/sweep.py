@@ -33,8 +33,8 @@ import torch
 
 from .. import checks
 from ..cli import ArgumentParser, existing_dir, existing_file, integer, option_errors
-from .cli import (_init_distributed, _kv, _number_or_text, adp_defence, attack_specs, hetero_defence, load_object,
-                  load_purify_config, load_toml)
+from . import defences as registry
+from .cli import _init_distributed, _kv, _number_or_text, attack_specs, load_object, load_purify_config, load_toml
 from .runner import _all_rows, _dist, _len, evaluate, markdown_table, plot_summary
 from .stats import mcnemar_exact, wilson_interval
 from .threats import Defence, grid
@@ -91,8 +91,8 @@ def config_name(overrides: Mapping) -> str:
 
 
 def evaluations_per_purification(config) -> int:
-    """Score forward+backward passes per image of one purification: K * N * (2 with SAM, else 1)."""
-    return config.num_steps * config.n_samples * (2 if config.sam_radius > 0 else 1)
+    """Score forward+backward passes per image of one purification (`PurifyConfig.score_evaluations`)."""
+    return config.score_evaluations
 
 
 def choose_config(summary: Sequence[dict], candidates: Mapping[str, int], *, undefended: str, clean: str,
@@ -257,17 +257,6 @@ def _compare(argv: Sequence[str]) -> int:
     return 0
 
 
-def _cost_of(description: Mapping) -> int:
-    """Score evaluations per purified image (ADP: forward only, one per ascent step)."""
-    if description.get("kind") == "adp":
-        return description.get("steps", 5)
-    if description.get("kind") == "hetero":  # one score call per grid step from t_l down, per run
-        stride = description.get("T", 1000) // description.get("grid_steps", 500)
-        return description["runs"] * -(-description.get("t_l", 200) // stride)
-    k = len(description["sigmas"]) * description["steps_per_sigma"]
-    return k * description["n_samples"] * (2 if description["sam_radius"] > 0 else 1)
-
-
 def _points(cfg: Mapping) -> list[dict]:
     """Grid points of a sweep TOML: the product of [grid], or the explicit [[point]] list.
 
@@ -286,8 +275,9 @@ def _points(cfg: Mapping) -> list[dict]:
     points = []
     for pt in cfg["point"]:
         pt = {k: (v if k == "defence" else _number_or_text(v)) for k, v in pt.items()}
-        if pt.get("defence", "pursamere") not in ("pursamere", "adp", "hetero"):
-            raise ValueError(f"point defence must be 'pursamere', 'adp' or 'hetero', got {pt['defence']!r}")
+        kinds = registry.kind_names()[1:]
+        if pt.get("defence", "pursamere") not in kinds:
+            raise ValueError(f"point defence must be one of {', '.join(map(repr, kinds))}, got {pt['defence']!r}")
         points.append(pt)
     return points
 
@@ -324,14 +314,13 @@ def _setup(cfg: Mapping, path: str) -> dict:
     for point in points:
         point = dict(point)
         kind = point.pop("defence", "pursamere")
-        if kind == "adp":
-            d = adp_defence(score, point, name="adp:" + config_name(point))
-        elif kind == "hetero":
-            d = hetero_defence(score, classifier, point, name="hetero:" + config_name(point))
+        context = registry.DefenceContext(score, classifier, base)
+        if kind == "pursamere":
+            d = registry.build_defence(kind, {**fixed, **point}, context, name=config_name(point))
         else:
-            d = Defence.pursamere(score, base, name=config_name(point), **{**fixed, **point})
+            d = registry.build_defence(kind, point, context, name=f"{kind}:" + config_name(point))
         defences.append(d)
-        costs[d.name] = _cost_of(d.description)
+        costs[d.name] = registry.cost(d.description)
     attacks = attack_specs(cfg["attack"])
     labels = [a.label for a in attacks]
     select = {k: cfg["select"].get(k) for k in ("clean", "robust", "tiebreak")}
