@@ -341,3 +341,16 @@ def test_adapter_is_differentiable_twice(expected):
     (g,) = torch.autograd.grad(s.square().sum(), y, create_graph=True)
     (gg,) = torch.autograd.grad(g.sum(), y)
     assert torch.isfinite(gg).all() and gg.abs().sum() > 0
+
+
+def test_preset_factories_take_the_path_alone():
+    """Harness configs name a score factory "module:function" and call it with path= only
+    (configs/cifar10_protocol.toml): each preset has one, bound to the full-size config."""
+    import importlib
+
+    module, name = "pursamere_fast.scores.score_sde:cifar10_ddpm_continuous".split(":")
+    factory = getattr(importlib.import_module(module), name)
+    assert "cifar10_ddpm_continuous" in factory.__doc__
+    # A reduced-width checkpoint under the full-size preset: refused, naming a key.
+    with pytest.raises(ValueError, match="does not match the config's network"):
+        factory(path=FIXTURES / "ddpmpp_vp" / "checkpoint.pth")

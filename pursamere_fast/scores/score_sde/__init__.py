@@ -8,8 +8,20 @@ outputs. `load_score_sde` returns the SPEC section 11 score adapter.
 
 from .configs import PRESETS, ScoreSdeConfig, parse_config, preset
 from .ddpm import DDPM
-from .loader import load_score_sde, load_score_sde_state, score_sde_adapter, score_sde_network
+from .loader import (
+    cifar10_ddpm_continuous,
+    cifar10_ddpmpp_continuous,
+    cifar10_ddpmpp_deep_continuous,
+    cifar10_ncsnpp_continuous,
+    cifar10_ncsnpp_deep_continuous,
+    load_score_sde,
+    load_score_sde_state,
+    score_sde_adapter,
+    score_sde_network,
+)
 from .ncsnpp import NCSNpp
 
 __all__ = ["load_score_sde", "load_score_sde_state", "score_sde_network", "score_sde_adapter", "parse_config",
-           "preset", "PRESETS", "ScoreSdeConfig", "NCSNpp", "DDPM"]
+           "preset", "PRESETS", "ScoreSdeConfig", "NCSNpp", "DDPM", "cifar10_ddpmpp_continuous",
+           "cifar10_ddpmpp_deep_continuous", "cifar10_ncsnpp_continuous", "cifar10_ncsnpp_deep_continuous",
+           "cifar10_ddpm_continuous"]

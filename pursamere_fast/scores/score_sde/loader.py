@@ -28,7 +28,9 @@ from .configs import ScoreSdeConfig, parse_config
 from .ddpm import DDPM
 from .ncsnpp import NCSNpp
 
-__all__ = ["load_score_sde", "score_sde_network", "score_sde_adapter", "load_score_sde_state"]
+__all__ = ["load_score_sde", "score_sde_network", "score_sde_adapter", "load_score_sde_state",
+           "cifar10_ddpmpp_continuous", "cifar10_ddpmpp_deep_continuous", "cifar10_ncsnpp_continuous",
+           "cifar10_ncsnpp_deep_continuous", "cifar10_ddpm_continuous"]
 
 _PREFIX = "module."
 
@@ -208,3 +210,25 @@ def load_score_sde(path, config, *, use_ema: bool = True) -> ContinuousVPScore |
     cfg = config if isinstance(config, ScoreSdeConfig) else parse_config(config)
     net = load_score_sde_state(score_sde_network(cfg), path, use_ema=use_ema)
     return score_sde_adapter(net, cfg).eval()
+
+
+def _preset_loader(preset_name: str, what: str):
+    """A `loader(path, *, use_ema=True)` bound to one preset: the path-only factory that
+    harness configs name as their score (`score = "pursamere_fast.scores.score_sde:<preset>"`)."""
+
+    def loader(path, *, use_ema: bool = True) -> ContinuousVPScore | VEScore:
+        return load_score_sde(path, preset_name, use_ema=use_ema)
+
+    loader.__name__ = loader.__qualname__ = preset_name
+    loader.__doc__ = (f"{what} (official config `{preset_name}`) from its checkpoint: "
+                      f"`load_score_sde(path, {preset_name!r}, use_ema=use_ema)`.")
+    return loader
+
+
+cifar10_ddpmpp_continuous = _preset_loader("cifar10_ddpmpp_continuous", "score_sde's CIFAR-10 DDPM++ continuous VP")
+cifar10_ddpmpp_deep_continuous = _preset_loader(
+    "cifar10_ddpmpp_deep_continuous", "DiffPure's CIFAR-10 model, DDPM++ deep continuous VP (`checkpoint_8.pth`)")
+cifar10_ncsnpp_continuous = _preset_loader("cifar10_ncsnpp_continuous", "score_sde's CIFAR-10 NCSN++ continuous VE")
+cifar10_ncsnpp_deep_continuous = _preset_loader("cifar10_ncsnpp_deep_continuous",
+                                                "score_sde's CIFAR-10 NCSN++ deep continuous VE")
+cifar10_ddpm_continuous = _preset_loader("cifar10_ddpm_continuous", "score_sde's CIFAR-10 DDPM continuous VP")
