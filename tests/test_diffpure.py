@@ -362,3 +362,50 @@ def test_bad_inputs_name_the_argument():
     bad_score = DiffPurePurifier(lambda y, sigma: y[:, :, :4], **SMALL)
     with pytest.raises(ValueError, match="score"):
         bad_score(x)
+
+
+# --- the harness's "diffpure" defence kind ---------------------------------------------------
+
+def test_diffpure_defence_kind_under_every_threat():
+    """The registry's "diffpure" kind: resolved settings in the description, the cost, the fixed
+    noise for the deterministic threats and fresh draws (EoT count in the label) for the
+    stochastic ones."""
+    from pursamere_fast.attacks import AttackSpec, Defence, run_attack, toy
+    from pursamere_fast.attacks.defences import DefenceContext, build_defence, cost
+
+    clf, score = toy.make_classifier(train_steps=30), toy.make_score()
+    x, y = toy.synthetic_data(4, seed=1)
+    defence = build_defence("diffpure", {"steps": 2, "seed": 5}, DefenceContext(score=score), name="dp")
+    assert defence.name == "dp" and defence.description == {
+        "kind": "diffpure", "seed": 5, "t_star": 0.1, "steps": 2, "method": "sde", "beta_min": 0.1, "beta_max": 20.0}
+    assert cost(defence.description) == 2
+    assert_equal("fixed noise", defence.build("none", None)(x), DiffPurePurifier(score, steps=2, seed=5)(x))
+    assert_equal("a draw", defence.build("full", 9)(x), DiffPurePurifier(score, steps=2, seed=9)(x))
+    assert defence.build("bpda", None).grad_mode == "bpda"
+    built = []
+
+    def recording(grad_mode, seed):
+        built.append((grad_mode, seed))
+        return defence.build(grad_mode, seed)
+
+    watched = Defence(defence.name, recording, defence.description)
+    for threat, modes in (("gpgd", {"none"}), ("bpda", {"bpda", "none"}), ("exact", {"full", "none"}),
+                          ("bpda_eot", {"bpda", "none"}), ("exact_eot", {"full", "none"})):
+        built.clear()
+        attack = AttackSpec(threat, "linf", 0.1, 2, eot=2 if threat.endswith("_eot") else 1)
+        assert ("eot2" in attack.label) == threat.endswith("_eot")
+        x_adv, pred = run_attack(watched, attack, clf, x, y)
+        assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= 0.1 + 1e-6 and pred.shape == y.shape
+        assert {m for m, _ in built} == modes, (threat, built)
+        # The stochastic threats draw a new seed per call (2 EoT draws per step); the others
+        # keep the defence's fixed noise.
+        seeds = [s for _, s in built]
+        assert (None in seeds) != threat.endswith("_eot") and len(set(seeds)) > 4 * threat.endswith("_eot")
+    with pytest.raises(ValueError, match="eot"):
+        AttackSpec("exact", "linf", 0.1, 2, eot=2)
+    with pytest.raises(ValueError, match="'noise'"):
+        build_defence("diffpure", {"noise": "fresh"}, DefenceContext(score=score))
+    with pytest.raises(ValueError, match="takes no argument 'stpes'"):
+        build_defence("diffpure", {"stpes": 2}, DefenceContext(score=score))
+    with pytest.raises(ValueError, match="t_star"):
+        build_defence("diffpure", {"t_star": 2.0}, DefenceContext(score=score))

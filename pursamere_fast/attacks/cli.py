@@ -33,7 +33,7 @@ from .pgd import NORMS
 from .runner import _dist, _get, _len, evaluate, markdown_table
 from .sanity import run_sanity, sanity_markdown
 from .suite import autoattack_check, autoattack_markdown, default_suite, run_suite, suite_markdown, summarise_dir
-from .threats import THREATS, AttackSpec, Defence, grid
+from .threats import EOT_GRAD_MODE, THREATS, AttackSpec, Defence, grid
 
 DEFENCES = kind_names()
 _TABLES = ("classifier_kwargs", "score_kwargs", "data_kwargs", *DEFENCES[1:], "attack", "defence")
@@ -199,7 +199,7 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--norm", default="linf", choices=NORMS)
     p.add_argument("--alpha", type=_alpha, default=None, help="step size (default 2.5 * eps / steps)")
     p.add_argument("--restarts", type=integer(1), default=1)
-    p.add_argument("--eot", type=integer(1), default=1, help="EoT draws (bpda_eot only)")
+    p.add_argument("--eot", type=integer(1), default=1, help="EoT draws (bpda_eot and exact_eot only)")
     p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument("--n", type=integer(1), default=None, help="number of samples (default: all)")
     p.add_argument("--start", type=integer(0), default=0, help="first sample index")
@@ -448,7 +448,7 @@ def main_evaluate(argv: Sequence[str] | None = None) -> int:
         attacks = list(dict.fromkeys(
             AttackSpec("clean", args.norm) if t == "clean" else
             AttackSpec(threat=t, norm=args.norm, eps=e, steps=s, alpha=args.alpha, restarts=args.restarts,
-                       eot=args.eot if t == "bpda_eot" else 1, seed=args.seed)
+                       eot=args.eot if t in EOT_GRAD_MODE else 1, seed=args.seed)
             for t in args.threats for e in args.eps for s in args.steps))
     summary = evaluate(common["classifier"], common["data"], grid(defences, attacks), out_dir=args.out,
                        indices=common["indices"], batch_size=args.batch_size, mean=common["mean"], std=common["std"],

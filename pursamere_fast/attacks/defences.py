@@ -212,6 +212,45 @@ def _hetero_cost(description):
     return description.get("runs", 1) * -(-description.get("t_l", 200) // stride)
 
 
+def _diffpure_check(settings):
+    from ..purifiers import DiffPurePurifier
+
+    if "noise" in settings:
+        # The harness owns the noise: the kind builds the fixed-noise purifier (the deterministic
+        # threats) and the stochastic threats draw a fresh seed per call (FreshNoisePurifier).
+        raise ValueError(f"DiffPurePurifier takes no argument 'noise' here, got noise={settings['noise']!r}: the "
+                         "defence is the fixed-noise purifier under gpgd/bpda/exact*, and threats bpda_eot and "
+                         "exact_eot draw fresh noise per call (AttackSpec.eot draws per gradient)")
+    check_keywords("DiffPurePurifier", DiffPurePurifier, settings, exclude=("score", "grad_mode", "noise"))
+
+
+def _diffpure(settings, context, name):
+    from ..purifiers import DiffPurePurifier
+
+    _diffpure_check(settings)
+    settings = dict(settings)
+    base_seed = settings.pop("seed", 0)
+    purifier = DiffPurePurifier(context.score, seed=base_seed, **settings)  # validates now, not at first use
+
+    def build(grad_mode, seed):
+        # seed None: the defence's own fixed noise; an int: one fresh draw (stochastic threats).
+        return DiffPurePurifier(context.score, seed=base_seed if seed is None else seed, grad_mode=grad_mode,
+                                **settings)
+
+    # Every setting that changes a result, defaults resolved, so that manifests compare exactly.
+    description = {"kind": "diffpure", "seed": base_seed, "t_star": purifier.t_star, "steps": purifier.steps,
+                   "method": purifier.method, "beta_min": purifier.beta_min, "beta_max": purifier.beta_max}
+    return Defence(name, build, description)
+
+
+def _diffpure_cost(description):
+    from ..purifiers import DiffPurePurifier
+
+    # One score call per reverse step.
+    steps = description.get("steps", inspect.signature(DiffPurePurifier).parameters["steps"].default)
+    return checks.integer("steps", steps, 1)
+
+
 register(DefenceKind("none", _none, cost=lambda d: 0, needs_score=False, summary="no defence (identity purifier)"))
 register(DefenceKind("pursamere", _pursamere, cost=_pursamere_cost, check=_pursamere_check,
                      summary="PurSAMERE (settings: PurifyConfig fields over --purify-config)"))
@@ -219,3 +258,5 @@ register(DefenceKind("adp", _adp, cost=_adp_cost, check=_adp_check,
                      summary="ADP-style score ascent (settings: ADPPurifier arguments)"))
 register(DefenceKind("hetero", _hetero, cost=_hetero_cost, check=_hetero_check,
                      summary="heterogeneous-noise diffusion (settings: HeteroPurifier arguments, runs = R votes)"))
+register(DefenceKind("diffpure", _diffpure, cost=_diffpure_cost, check=_diffpure_check,
+                     summary="DiffPure, Nie et al. 2022 (settings: DiffPurePurifier arguments but noise)"))

@@ -7,6 +7,7 @@ Threats, each a PGD whose gradient passes the purifier differently:
               noise is fixed and known (deterministic white-box).
 - "bpda_eot": the purifier is stochastic (fresh noise per call); BPDA gradients averaged
               over `eot` draws; the final prediction is one more fresh draw.
+- "exact_eot": as "bpda_eot" with the exact gradient (grad_mode="full") of each draw.
 - "exact":    PGD through the unrolled purification (grad_mode="full").
 - "exact_st", "exact_st_proj": the exact gradient with Adam's normaliser held constant in
               the backward (and, for "_proj", the clamp and the projection passed straight
@@ -15,7 +16,7 @@ Threats, each a PGD whose gradient passes the purifier differently:
 Each threat is an estimator of the defended model's gradient; the attack algorithm on top
 (`AttackSpec.attack`: PGD, APGD or Square) is a separate choice. Clean predictions and
 the verdict on an adversarial image always use the deterministic defence (its own seed),
-except under "bpda_eot", which judges on a fresh draw.
+except under "bpda_eot" and "exact_eot", which judge on a fresh draw.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from .pgd import NORMS, pgd
 from .square import square
 from .wrappers import FreshNoisePurifier, IdentityPurifier, PurifiedClassifier, VotingClassifier
 
-THREATS = ("clean", "gpgd", "bpda", "bpda_eot", "exact", "exact_st", "exact_st_proj", "blackbox")
+THREATS = ("clean", "gpgd", "bpda", "bpda_eot", "exact", "exact_st", "exact_st_proj", "blackbox", "exact_eot")
+# The stochastic threats (fresh noise per call, EoT) and the grad mode of each draw.
+EOT_GRAD_MODE = {"bpda_eot": "bpda", "exact_eot": "full"}
 ATTACKS = ("pgd", "apgd", "square")
 LOSSES = ("ce", "cw", "dlr")
 # The purifier's grad mode behind each gradient-based threat.
@@ -56,9 +59,10 @@ class AttackSpec:
             steps = 0. A convergence study fixes it: the rule shrinks the step as steps grow.
             APGD and Square choose their own steps and refuse it.
         restarts: runs per sample, >= 1; more than one needs random_start.
-        eot: EoT draws per gradient, >= 1 (only PGD and APGD under "bpda_eot" use more than 1).
+        eot: EoT draws per gradient, >= 1 (only PGD and APGD under "bpda_eot" or "exact_eot" use
+            more than 1).
         random_start: start each restart at a random point of the ball.
-        seed: base seed of the random starts and of the fresh noise of "bpda_eot".
+        seed: base seed of the random starts and of the fresh noise of "bpda_eot"/"exact_eot".
         name: label in the results; None derives one from the fields.
         attack: "pgd", "apgd" (Croce & Hein 2020) or "square" (needs threat "blackbox").
         loss: "ce" (cross-entropy), "cw" (logit margin) or "dlr" (Croce & Hein's scaled margin).
@@ -102,9 +106,9 @@ class AttackSpec:
         checks.seed("seed", self.seed)
         if self.alpha is not None:
             checks.real("alpha", self.alpha, positive=True)
-        if self.eot > 1 and (self.threat != "bpda_eot" or self.attack == "square"):
-            raise ValueError(f"eot > 1 needs a gradient attack with threat 'bpda_eot', got attack={self.attack!r}, "
-                             f"threat={self.threat!r}, eot={self.eot}")
+        if self.eot > 1 and (self.threat not in EOT_GRAD_MODE or self.attack == "square"):
+            raise ValueError(f"eot > 1 needs a gradient attack with threat 'bpda_eot' or 'exact_eot', got "
+                             f"attack={self.attack!r}, threat={self.threat!r}, eot={self.eot}")
         if self.restarts > 1 and not self.random_start:
             raise ValueError(f"restarts > 1 needs random_start (each restart would repeat the same path), "
                              f"got restarts={self.restarts}")
@@ -164,7 +168,7 @@ class Defence:
         name: label in the results.
         build: callable (grad_mode, seed) -> purifier nn.Module; grad_mode in {"none",
             "bpda", "full"}; seed None means the defence's own fixed seed, an int a fresh
-            draw (used by the stochastic threat "bpda_eot").
+            draw (used by the stochastic threats "bpda_eot" and "exact_eot").
         description: JSON-able settings, stored in the run manifest so that a resumed
             run refuses rows produced by different settings.
         plan: optional callable (image_shape, device) -> JSON-able dict of how the defence
@@ -313,9 +317,9 @@ def run_attack(defence: Defence, attack: AttackSpec, classifier: nn.Module, x: t
     t = attack.threat
     if t == "clean":
         return x, clean_predictions(defence, classifier, x, mean=mean, std=std)
-    if t == "bpda_eot":
+    if t in EOT_GRAD_MODE:
         base = seed if isinstance(seed, int) else int(seed[0])
-        attacked = FreshNoisePurifier(lambda s: defence.build("bpda", s), base)
+        attacked = FreshNoisePurifier(lambda s: defence.build(EOT_GRAD_MODE[t], s), base)
         x_adv = _attack(defence.model(classifier, mean=mean, std=std, purifier=attacked), x, y, attack, seed)
         # A separate seed stream, so the evaluating draw is not one the attacker saw.
         judge = FreshNoisePurifier(lambda s: defence.build("none", s), base + 1)
