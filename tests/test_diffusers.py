@@ -11,7 +11,7 @@ import torch
 diffusers = pytest.importorskip("diffusers", reason="diffusers is in the test extra: pip install -e '.[test]'")
 
 import pursamere_fast as pf  # noqa: E402
-from pursamere_fast.purifiers import ADPPurifier, HeteroPurifier  # noqa: E402
+from pursamere_fast.purifiers import ADPPurifier, DiffPurePurifier, HeteroPurifier  # noqa: E402
 from pursamere_fast.scores import VEScore, VPScore, from_diffusers, load_diffusers  # noqa: E402
 
 
@@ -29,6 +29,7 @@ SCHEDULERS = [
     dict(beta_schedule="scaled_linear", prediction_type="v_prediction"),
     dict(beta_schedule="squaredcos_cap_v2", prediction_type="sample"),
     dict(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", num_train_timesteps=500),
+    dict(beta_schedule="scaled_linear", prediction_type="v_prediction", rescale_betas_zero_snr=True),
 ]
 
 
@@ -40,7 +41,8 @@ def test_from_diffusers_matches_diffusers_conventions_on_the_grid(kind, config):
     score = from_diffusers(unet, scheduler)
     assert isinstance(score, VPScore) and score.model is unet
     ac = scheduler.alphas_cumprod.double()
-    t = torch.tensor([0, 7, 123, scheduler.config.num_train_timesteps - 1])
+    last = scheduler.config.num_train_timesteps - (2 if scheduler.config.rescale_betas_zero_snr else 1)
+    t = torch.tensor([0, 7, 123, last])
     g = torch.Generator().manual_seed(0)
     x_t = torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=g)
     a = ac[t].view(-1, 1, 1, 1)
@@ -125,7 +127,8 @@ def test_every_purifier_runs_on_a_diffusers_model():
     x = torch.rand(2, 1, 8, 8)
     cfg = pf.PurifyConfig(sigmas=(0.1, 0.05), steps_per_sigma=1, n_samples=2, rho=8 / 255, sam_radius=2 / 255)
     outs = [pf.purify(x, score, cfg), pf.Purifier(score, cfg, grad_mode="bpda")(x),
-            ADPPurifier(score, sigma=0.1, noise_std=0.1, steps=2)(x)]
+            ADPPurifier(score, sigma=0.1, noise_std=0.1, steps=2)(x),
+            DiffPurePurifier(score, t_star=0.05, steps=3)(x), DiffPurePurifier(score, steps=2, method="ode")(x)]
     from pursamere_fast.nets import SmallCNN
 
     classifier = SmallCNN(1, 10, 4, 8).eval()

@@ -49,7 +49,9 @@ class DiscreteVPSchedule(nn.Module):
     """A discrete VP schedule `alphas_cumprod` (T,) on t = 0..T-1, with its sigma <-> t map.
 
     Args:
-        alphas_cumprod: 1-D, strictly decreasing, in (0, 1] (a tensor or sequence).
+        alphas_cumprod: 1-D, strictly decreasing, in [0, 1] (a tensor or sequence). A last
+            entry of 0 (zero terminal SNR, diffusers' `rescale_betas_zero_snr`) is infinite
+            noise: every sigma above the last finite level then maps into the last interval.
         timesteps: "continuous" (real t, the default: for models whose time embedding takes a
             real t, as diffusers' and score_sde's do) or "nearest" (t rounded to an integer).
 
@@ -66,15 +68,15 @@ class DiscreteVPSchedule(nn.Module):
                              f"{type(alphas_cumprod).__name__}") from None
         if ac.dim() != 1 or ac.numel() < 2:
             raise ValueError(f"alphas_cumprod must be 1-D with at least 2 entries, got shape {tuple(ac.shape)}")
-        if not bool(torch.isfinite(ac).all()) or not bool(((ac > 0) & (ac <= 1)).all()):
-            raise ValueError("alphas_cumprod must lie in (0, 1], got values in "
+        if not bool(torch.isfinite(ac).all()) or not bool(((ac >= 0) & (ac <= 1)).all()):
+            raise ValueError("alphas_cumprod must lie in [0, 1], got values in "
                              f"[{float(ac.min()):.6g}, {float(ac.max()):.6g}]")
         if not bool((ac[1:] < ac[:-1]).all()):
             raise ValueError("alphas_cumprod must be strictly decreasing")
         self.timesteps = checks.choice("timesteps", timesteps, TIMESTEPS)
         self.register_buffer("alphas_cumprod", ac, persistent=False)
-        # log sigma_t, increasing in t; ab = 1 gives -inf, which the interpolation never picks
-        # for a positive sigma.
+        # log sigma_t, increasing in t; ab = 1 gives -inf and ab = 0 gives +inf, which the
+        # interpolation never picks for a positive, finite sigma.
         self.register_buffer("log_sigmas", 0.5 * torch.log((1 - ac) / ac), persistent=False)
 
     @property
