@@ -6,17 +6,17 @@ Semantics: `pursamere_fast.reference.adam_project`.
 
 import torch
 
-from . import (
-    _check_device_scalar,
-    _check_float_dtype,
-    _check_nonneg,
-    _check_norm,
-    _check_tensor,
-    _div,
-    _require_triton,
-    _sqrt,
-    _store_perturbed,
+from .common import (
     block_size,
+    check_device_scalar,
+    check_float_dtype,
+    check_nonneg,
+    check_norm,
+    check_tensor,
+    div_rn,
+    require_triton,
+    sqrt_rn,
+    store_perturbed,
     tl,
     triton_jit,
 )
@@ -75,7 +75,7 @@ def _adam_project_kernel(
         v = BETA2 * tl.load(v_ptr + idx, mask=mask, other=0.0) + (1 - BETA2) * (g * g)
         tl.store(m_ptr + idx, m, mask=mask)
         tl.store(v_ptr + idx, v, mask=mask)
-        x = x - _div(lr * _div(m, bc1), _sqrt(_div(v, bc2)) + ADAM_EPS)
+        x = x - div_rn(lr * div_rn(m, bc1), sqrt_rn(div_rn(v, bc2)) + ADAM_EPS)
         if L2:
             # Unprojected x parked in place until the norm is known.
             tl.store(x_ptr + idx, x, mask=mask)
@@ -85,10 +85,15 @@ def _adam_project_kernel(
             x = _clamp(_clamp(x, xa - RHO, xa + RHO), 0.0, 1.0)
             tl.store(x_ptr + idx, x, mask=mask)
             if WRITE_Y:
-                _store_perturbed(y_ptr, eps_ptr, x, tl.load(sigma_ptr), b, offs, mask, D, N)
+                store_perturbed(y_ptr, eps_ptr, x, tl.load(sigma_ptr), b, offs, mask, D, N)
     if L2:
-        nrm = _sqrt(tl.sum(sq, axis=0))
-        factor = _div(tl.full((), RHO, lr.dtype), tl.maximum(nrm, 1e-12))
+        # rho and the floor as 0-d tensors of the data's dtype: a Python float beside a 0-d
+        # float64 value is made float32 first by Triton 3.6 (rho = 16/255 became
+        # 0.062745101749897, 1e-12 became 9.99999996e-13; the float64 variant's TTIR constants
+        # are checked by tests/test_kernel_compile.py).
+        rho = tl.full((), RHO, lr.dtype)
+        nrm = sqrt_rn(tl.sum(sq, axis=0))
+        factor = div_rn(rho, tl.maximum(nrm, tl.full((), 1e-12, lr.dtype)))
         # x was stored above by other threads of this program; the barrier makes it visible.
         tl.debug_barrier()
         for start in range(first, D, step):
@@ -97,28 +102,28 @@ def _adam_project_kernel(
             idx = b * D + offs
             x = tl.load(x_ptr + idx, mask=mask, other=0.0)
             xa = tl.load(x_adv_ptr + idx, mask=mask, other=0.0)
-            x = tl.where(nrm > RHO, xa + (x - xa) * factor, x)
+            x = tl.where(nrm > rho, xa + (x - xa) * factor, x)
             x = _clamp(x, 0.0, 1.0)
             tl.store(x_ptr + idx, x, mask=mask)
             if WRITE_Y:
-                _store_perturbed(y_ptr, eps_ptr, x, tl.load(sigma_ptr), b, offs, mask, D, N)
+                store_perturbed(y_ptr, eps_ptr, x, tl.load(sigma_ptr), b, offs, mask, D, N)
 
 
 def _check(x, x_adv, m, v, g, lr, bc1, bc2, beta1, beta2, adam_eps, rho, norm, y_next, eps_next, sigma_next):
-    _check_float_dtype("x", x)
+    check_float_dtype("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [B, D], got shape {tuple(x.shape)}")
     b, d = x.shape
     for name, t in (("x", x), ("x_adv", x_adv), ("m", m), ("v", v), ("g", g)):
-        _check_tensor(name, t, (b, d), x)
+        check_tensor(name, t, (b, d), x)
     for name, t in (("lr", lr), ("bc1", bc1), ("bc2", bc2)):
-        _check_device_scalar(name, t, x)
+        check_device_scalar(name, t, x)
     for name, beta in (("beta1", beta1), ("beta2", beta2)):
-        if _check_nonneg(name, beta) >= 1:
+        if check_nonneg(name, beta) >= 1:
             raise ValueError(f"{name} must be in [0, 1), got {beta!r}")
-    adam_eps = _check_nonneg("adam_eps", adam_eps)
-    rho = _check_nonneg("rho", rho)
-    _check_norm(norm)
+    adam_eps = check_nonneg("adam_eps", adam_eps)
+    rho = check_nonneg("rho", rho)
+    check_norm(norm)
     given = [t is not None for t in (y_next, eps_next, sigma_next)]
     if any(given) and not all(given):
         raise ValueError(
@@ -130,9 +135,9 @@ def _check(x, x_adv, m, v, g, lr, bc1, bc2, beta1, beta2, adam_eps, rho, norm, y
         if y_next.dim() != 3:
             raise ValueError(f"y_next must be 3-D [B, N, D], got shape {tuple(y_next.shape)}")
         n = y_next.shape[1]
-        _check_tensor("y_next", y_next, (b, n, d), x)
-        _check_tensor("eps_next", eps_next, (n, d), x)
-        _check_device_scalar("sigma_next", sigma_next, x)
+        check_tensor("y_next", y_next, (b, n, d), x)
+        check_tensor("eps_next", eps_next, (n, d), x)
+        check_device_scalar("sigma_next", sigma_next, x)
     return b, n, d, float(beta1), float(beta2), adam_eps, rho
 
 
@@ -164,7 +169,7 @@ def adam_project(
     b, n, d, beta1, beta2, adam_eps, rho = _check(
         x, x_adv, m, v, g, lr, bc1, bc2, beta1, beta2, adam_eps, rho, norm, y_next, eps_next, sigma_next
     )
-    _require_triton(x.device)
+    require_triton(x.device)
     write_y = y_next is not None
     l2 = norm == "l2"
     block = block_size(d)

@@ -6,13 +6,13 @@ Semantics: `pursamere_fast.reference.ere_residual`.
 import torch
 
 from .. import checks
-from . import (
-    _check_device_scalar,
-    _check_float_dtype,
-    _check_tensor,
-    _div,
-    _require_triton,
+from .common import (
     block_size,
+    check_device_scalar,
+    check_float_dtype,
+    check_tensor,
+    div_rn,
+    require_triton,
     tl,
     triton_jit,
 )
@@ -44,23 +44,23 @@ def _ere_residual_kernel(
         e = tl.load(eps_ptr + n * D + offs, mask=mask, other=0.0)
         r = e + sigma * s
         acc += r * r
-        tl.store(grad_ptr + row * D + offs, _div(two_sigma * r, tl.full((), N, sigma.dtype)), mask=mask)
+        tl.store(grad_ptr + row * D + offs, div_rn(two_sigma * r, tl.full((), N, sigma.dtype)), mask=mask)
     tl.store(sqnorm_ptr + row, tl.sum(acc, axis=0))
 
 
 def _check(s, eps, sigma, n_samples, out_grad, out_sqnorm):
-    _check_float_dtype("s", s)
+    check_float_dtype("s", s)
     if s.dim() != 2:
         raise ValueError(f"s must be 2-D [B*N, D], got shape {tuple(s.shape)}")
     checks.integer("n_samples", n_samples, 1)
     rows, d = s.shape
     if rows % n_samples != 0:
         raise ValueError(f"s has {rows} rows, not a multiple of n_samples={n_samples}")
-    _check_tensor("s", s, (rows, d), s)
-    _check_tensor("eps", eps, (n_samples, d), s)
-    _check_device_scalar("sigma", sigma, s)
-    _check_tensor("out_grad", out_grad, (rows, d), s)
-    _check_tensor("out_sqnorm", out_sqnorm, (rows,), s)
+    check_tensor("s", s, (rows, d), s)
+    check_tensor("eps", eps, (n_samples, d), s)
+    check_device_scalar("sigma", sigma, s)
+    check_tensor("out_grad", out_grad, (rows, d), s)
+    check_tensor("out_sqnorm", out_sqnorm, (rows,), s)
     return rows, d
 
 
@@ -83,7 +83,7 @@ def ere_residual(s, eps, sigma, n_samples, out_grad, out_sqnorm):
         RuntimeError: Triton cannot run on this device (see `use_triton`).
     """
     rows, d = _check(s, eps, sigma, n_samples, out_grad, out_sqnorm)
-    _require_triton(s.device)
+    require_triton(s.device)
     _ere_residual_kernel[(rows,)](
         s, eps, sigma, out_grad, out_sqnorm, d, N=n_samples, BLOCK=block_size(d), enable_fp_fusion=False
     )

@@ -6,17 +6,17 @@ Semantics: `pursamere_fast.reference.mc_reduce_sam`.
 
 import torch
 
-from . import (
-    _check_device_scalar,
-    _check_float_dtype,
-    _check_nonneg,
-    _check_norm,
-    _check_tensor,
-    _div,
-    _require_triton,
-    _sqrt,
-    _store_perturbed,
+from .common import (
     block_size,
+    check_device_scalar,
+    check_float_dtype,
+    check_nonneg,
+    check_norm,
+    check_tensor,
+    div_rn,
+    require_triton,
+    sqrt_rn,
+    store_perturbed,
     tl,
     triton_jit,
 )
@@ -58,9 +58,14 @@ def _mc_reduce_sam_kernel(
             # torch.sign: 0 at 0 and at NaN (g keeps the NaN for the loop's checks).
             sign = (g > 0).to(g.dtype) - (g < 0).to(g.dtype)
             x = tl.load(x_ptr + b * D + offs, mask=mask, other=0.0)
-            _store_perturbed(y_ptr, eps_ptr, x + RADIUS * sign, tl.load(sigma_ptr), b, offs, mask, D, N)
+            store_perturbed(y_ptr, eps_ptr, x + RADIUS * sign, tl.load(sigma_ptr), b, offs, mask, D, N)
     if L2 and WRITE_Y:
-        den = tl.maximum(_sqrt(tl.sum(sq, axis=0)), 1e-12)
+        # The floor as a 0-d tensor of g's dtype: a Python float beside a 0-d float64 value is
+        # made float32 first by Triton 3.6 (1e-12 became 9.99999996e-13; the float64 variant's
+        # TTIR constants are checked by tests/test_kernel_compile.py).
+        floor = tl.full((), 1e-12, g_ptr.dtype.element_ty)
+        den = tl.maximum(sqrt_rn(tl.sum(sq, axis=0)), floor)
+        sigma = tl.load(sigma_ptr)
         # g was stored above by other threads of this program; the barrier makes it visible.
         tl.debug_barrier()
         for start in range(first, D, step):
@@ -68,24 +73,24 @@ def _mc_reduce_sam_kernel(
             mask = offs < D
             g = tl.load(g_ptr + b * D + offs, mask=mask, other=0.0)
             x = tl.load(x_ptr + b * D + offs, mask=mask, other=0.0)
-            d = _div(RADIUS * g, den)
-            _store_perturbed(y_ptr, eps_ptr, x + d, tl.load(sigma_ptr), b, offs, mask, D, N)
+            d = div_rn(RADIUS * g, den)
+            store_perturbed(y_ptr, eps_ptr, x + d, sigma, b, offs, mask, D, N)
 
 
 def _check(gy, x, eps, sigma, radius, norm, out_g, out_y):
-    _check_float_dtype("gy", gy)
+    check_float_dtype("gy", gy)
     if gy.dim() != 3:
         raise ValueError(f"gy must be 3-D [B, N, D], got shape {tuple(gy.shape)}")
     b, n, d = gy.shape
-    _check_tensor("gy", gy, (b, n, d), gy)
-    _check_tensor("x", x, (b, d), gy)
-    _check_tensor("eps", eps, (n, d), gy)
-    _check_device_scalar("sigma", sigma, gy)
-    radius = _check_nonneg("radius", radius)
-    _check_norm(norm)
-    _check_tensor("out_g", out_g, (b, d), gy)
+    check_tensor("gy", gy, (b, n, d), gy)
+    check_tensor("x", x, (b, d), gy)
+    check_tensor("eps", eps, (n, d), gy)
+    check_device_scalar("sigma", sigma, gy)
+    radius = check_nonneg("radius", radius)
+    check_norm(norm)
+    check_tensor("out_g", out_g, (b, d), gy)
     if out_y is not None:
-        _check_tensor("out_y", out_y, (b, n, d), gy)
+        check_tensor("out_y", out_y, (b, n, d), gy)
     return b, n, d, radius
 
 
@@ -110,7 +115,7 @@ def mc_reduce_sam(gy, x, eps, sigma, radius, norm, out_g, out_y=None):
         RuntimeError: Triton cannot run on this device (see `use_triton`).
     """
     b, n, d, radius = _check(gy, x, eps, sigma, radius, norm, out_g, out_y)
-    _require_triton(gy.device)
+    require_triton(gy.device)
     write_y = out_y is not None
     l2 = write_y and norm == "l2"
     block = block_size(d)

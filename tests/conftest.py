@@ -36,9 +36,9 @@ KERNEL_SHAPES_CUDA = [(2, 1, 7), (16, 8, 3072), (5, 3, 784), (64, 8, 3 * 32 * 32
 @pytest.fixture
 def shapes(device, monkeypatch):
     if device.type == "cpu":
-        import pursamere_fast.kernels as K
+        from pursamere_fast.kernels import common
 
-        monkeypatch.setattr(K, "MAX_BLOCK", 64)
+        monkeypatch.setattr(common, "MAX_BLOCK", 64)
         return KERNEL_SHAPES_CPU
     return KERNEL_SHAPES_CUDA
 

@@ -5,10 +5,9 @@ import subprocess
 import sys
 import textwrap
 
+import pursamere_fast.kernels as K
 import pytest
 import torch
-
-import pursamere_fast.kernels as K
 
 OPS = ("ere_residual", "mc_reduce_sam", "adam_project")
 
@@ -111,13 +110,27 @@ def test_launcher_refuses_cpu_tensors_without_interpreter(monkeypatch):
         K.ere_residual(s, eps, sigma, 3, torch.empty(6, 5), torch.empty(6))
 
 
+def test_op_files_import_the_shared_module_not_the_package():
+    # The package imports the op files; an op file importing from the package (`from . import`)
+    # would close an import cycle.
+    import ast
+    from pathlib import Path
+
+    for path in Path(K.__file__).parent.glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert node.module is not None, f"{path.name} imports from the package itself (line {node.lineno})"
+
+
 @pytest.mark.parametrize("n, expected", [(1, 16), (7, 16), (16, 16), (17, 32), (300, 512), (1024, 1024), (3072, 1024)])
 def test_block_size(n, expected):
     assert K.block_size(n) == expected
 
 
 def test_block_size_reads_max_block_at_call_time(monkeypatch):
-    monkeypatch.setattr(K, "MAX_BLOCK", 64)
+    monkeypatch.setattr(K.common, "MAX_BLOCK", 64)
     assert K.block_size(300) == 64
     assert K.block_size(33) == 64
     assert K.block_size(20) == 32
