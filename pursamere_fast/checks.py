@@ -8,8 +8,10 @@ anything of the package.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import re
 from collections.abc import Iterable, Mapping, Set
 
 import torch
@@ -107,24 +109,138 @@ def function(name: str, value):
 
 
 def images(name: str, x, *, allow_empty: bool = False) -> torch.Tensor:
-    """A (B, C, H, W) floating tensor with finite values in [0, 1] (within IMAGE_SLACK)."""
+    """A (B, C, H, W) floating tensor with finite values in [0, 1] (within IMAGE_SLACK).
+
+    Every purifier and `purify` check their images here, so the wording is one. Each message
+    starts "<name> must ..." (or "<name> contains NaN or Inf") and, where the mistake is a
+    common one, ends with the fix: a (C, H, W) image needs a batch dimension, channels-last
+    (B, H, W, C) images need `x.permute(0, 3, 1, 2)`, uint8 or [0, 255] images need `/ 255`,
+    [-1, 1] or mean/std-normalised images belong to the classifier's side
+    (`PurifiedClassifier(mean=, std=)`).
+
+    Args:
+        name: how the message names the argument.
+        x: the images.
+        allow_empty: accept a batch of zero images.
+
+    Returns:
+        x, unchanged.
+
+    Raises:
+        ValueError: not a tensor, not 4-D, channels-last, not floating, empty, NaN/Inf, or
+            values outside [0, 1].
+    """
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        hint = "; convert a NumPy array with torch.from_numpy(x)" if hasattr(x, "__array__") else ""
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}{hint}")
     if x.dim() != 4:
-        raise ValueError(f"{name} must have shape (B, C, H, W), got ndim={x.dim()}, shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape (B, C, H, W), got ndim={x.dim()}, shape {tuple(x.shape)}"
+                         f"{_NDIM_HINTS.get(x.dim(), '')}")
+    if _channels_last_shape(x.shape):
+        raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(x.shape)}, which looks channels-last "
+                         f"(B, H, W, C) with C={x.shape[-1]}: permute it with x.permute(0, 3, 1, 2)")
     if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        hint = ""
+        if x.dtype in INT_DTYPES:
+            hint = "; integer images hold [0, 255] pixel values: convert them with x.float() / 255"
+        elif x.dtype == torch.bool:
+            hint = "; convert a binary image with x.float()"
+        raise ValueError(f"{name} must be a floating-point tensor with values in [0, 1], got dtype {x.dtype}{hint}")
     if x.numel() == 0:
         if allow_empty:
             return x
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
     d = x.detach()
-    if not bool(torch.isfinite(d).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+    finite = torch.isfinite(d)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()
+        raise ValueError(f"{name} contains NaN or Inf ({len(bad)} of {d.numel()} values, the first at index "
+                         f"{tuple(bad[0].tolist())})")
     lo, hi = float(d.min()), float(d.max())
     if lo < -IMAGE_SLACK or hi > 1 + IMAGE_SLACK:
-        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.6g}, {hi:.6g}]")
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.6g}, {hi:.6g}]{_range_hint(lo, hi)}")
     return x
+
+
+# What a wrong number of dimensions usually means.
+_NDIM_HINTS = {
+    2: "; a single (H, W) image needs batch and channel dimensions: x[None, None]",
+    3: "; a single (C, H, W) image needs a batch dimension: x.unsqueeze(0)",
+    5: "; a stack of batches such as (runs, B, C, H, W) is flattened with x.flatten(0, 1)",
+}
+
+
+def _channels_last_shape(shape) -> bool:
+    """(B, H, W, C) with C in {1, 3, 4} and H, W > 4: channels-last images. A (B, C, H, W)
+    image with more than four channels and a width of at most four is not an image anyone
+    purifies, so this does not refuse real input."""
+    return shape[1] > 4 and shape[2] > 4 and shape[3] in (1, 3, 4)
+
+
+def _range_hint(lo: float, hi: float) -> str:
+    """The likely cause of values outside [0, 1], for the error message."""
+    # 0.01: a rounding or interpolation overshoot, not another convention.
+    if lo >= -0.01 and hi <= 1.01:
+        return "; values just outside [0, 1] (an interpolation or rounding overshoot?) need x.clamp(0, 1)"
+    if lo >= -IMAGE_SLACK and hi <= 255 + IMAGE_SLACK:
+        return "; these look like [0, 255] pixel values: divide them by 255"
+    if lo < 0:
+        return ("; negative values are [-1, 1] or mean/std-normalised images: purifiers take [0, 1] images "
+                "(map [-1, 1] with (x + 1) / 2) and the classifier normalises after purification, as "
+                "PurifiedClassifier(purifier, classifier, mean=..., std=...) does (with torchattacks, use that "
+                "instead of set_normalization_used)")
+    return ""
+
+
+def score_error(error: BaseException, name: str, y: torch.Tensor, *, images: str = "x") -> ValueError | None:
+    """A ValueError that says why a call of a score (or classifier) on `y` failed, or None.
+
+    Purifiers wrap their model calls with this (`model_errors`), so that images the model
+    cannot take (the wrong channel count, another device, another dtype) are named at the
+    first call instead of surfacing as a convolution's RuntimeError. Errors it cannot name are
+    re-raised as they are (None).
+
+    Args:
+        error: what the call raised.
+        name: the callable, e.g. "score".
+        y: its input (M, C, H, W).
+        images: how the message names the purifier's images.
+
+    Returns:
+        ValueError, or None for an error this function does not recognise.
+    """
+    msg = str(error)
+    if isinstance(error, torch.OutOfMemoryError) or not isinstance(error, RuntimeError):
+        return None
+    channels = re.search(r"to have (\d+) channels, but got (\d+) channels", msg)
+    if channels:
+        want, got = int(channels.group(1)), int(channels.group(2))
+        hint = ""
+        if y.dim() == 4 and y.shape[-1] == want:
+            hint = f"; if {images} is channels-last (B, H, W, C), permute it with x.permute(0, 3, 1, 2)"
+        return ValueError(f"{images} has C={got} channels but the {name} model takes C={want} (its first "
+                          f"convolution's input channels): use a {name} model for {got}-channel images or images "
+                          f"with {want} channels{hint}")
+    if re.search(r"same device|Expected all tensors to be on|cuda\.\w*Tensor|is on \w+ but|device type", msg):
+        return ValueError(f"{images} is on {y.device} but the {name} model is elsewhere ({msg.splitlines()[0]}): "
+                          f"move the {name} model to the images' device (model.to(x.device))")
+    if re.search(r"dtype|scalar type|Input type \(\w+\) and (weight|bias) type", msg):
+        return ValueError(f"the {name} model cannot take {images}'s dtype {y.dtype} ({msg.splitlines()[0]}): "
+                          f"cast the images (x.float()) or the model (model.to(x.dtype)) so that they agree")
+    return None
+
+
+@contextlib.contextmanager
+def model_errors(name: str, y: torch.Tensor, *, images: str = "x"):
+    """Within this context a RuntimeError that `score_error` can name becomes its ValueError
+    (chained to the original); anything else passes through unchanged."""
+    try:
+        yield
+    except RuntimeError as e:
+        named = score_error(e, name, y, images=images)
+        if named is None:
+            raise
+        raise named from e
 
 
 def labels(name: str, y, batch: int, num_classes: int | None = None) -> torch.Tensor:

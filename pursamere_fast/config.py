@@ -72,6 +72,11 @@ class PurifyConfig:
             raise ValueError(f"lr_min must be <= lr_max (the step size falls from lr_max to lr_min), "
                              f"got lr_min={self.lr_min!r}, lr_max={self.lr_max!r}")
         checks.choice("norm", self.norm, ("linf", "l2"))
+        # Images are in [0, 1]: an linf ball of radius 1 already holds the whole cube (the
+        # unconstrained search, which stays legal), so a larger radius is a budget in pixel units.
+        if self.norm == "linf" and self.rho > 1:
+            raise ValueError(f"rho must be <= 1 for norm='linf' (images are in [0, 1]), got {self.rho!r}: a "
+                             f"budget in [0, 255] pixel units needs /255 (rho={self.rho:g}/255)")
 
     @property
     def num_steps(self) -> int:
@@ -98,7 +103,7 @@ class PurifyConfig:
             return [self.lr_max]
         return [self.lr_max + (self.lr_min - self.lr_max) * k / (k_total - 1) for k in range(k_total)]
 
-    def with_overrides(self, **overrides) -> "PurifyConfig":
+    def with_overrides(self, **overrides) -> PurifyConfig:
         """A copy with the given fields replaced (validated again)."""
         names = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - names)

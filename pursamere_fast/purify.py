@@ -252,7 +252,8 @@ class _FusedLoop:
         # dL/dy for L = sum_b e_b; the ERE itself goes to row k of `trace` as a by-product.
         b, n, d = self.b, self.n, self.d
         yl = y.view(b * n, *self.img).detach().requires_grad_(True)
-        s = call_score(self.score, yl, self.sigma_rows)
+        with checks.model_errors("score", yl, images="x_adv"):  # channels, device, dtype: a named ValueError
+            s = call_score(self.score, yl, self.sigma_rows)
         ere_residual, _, _ = self._ops
         ere_residual(s.detach().reshape(b * n, d), self.eps, self.sigma, n, self.dlds, self.sqnorm)
         torch.mean(self.sqnorm.view(b, n), dim=1, out=self.ere_row[0])
@@ -310,7 +311,8 @@ class _CheckedScore:
         if not bool(torch.isfinite(y.detach()).all()):
             raise _grad_error(self.config, k - 1 if first == 0 else k)
         # The exact loop differentiates this call twice (attention then runs on the math kernel).
-        s = call_score(self.score, y, sigma, double_backward=y.requires_grad and torch.is_grad_enabled())
+        with checks.model_errors("score", y, images="x_adv"):  # channels, device, dtype: a named ValueError
+            s = call_score(self.score, y, sigma, double_backward=y.requires_grad and torch.is_grad_enabled())
         if not bool(torch.isfinite(s.detach()).all()):
             raise _output_error(self.config, k)
         return s

@@ -97,7 +97,10 @@ CALL_CASES = [
      r"does not depend on its input"),
     ("score returns an int tensor", lambda: purify(x0(), lambda y, s: (y * 10).long(), cfg()),
      r"^score must return a floating"),
-    ("score returns a tuple", lambda: purify(x0(), lambda y, s: (y,), cfg()), r"^score must return a floating"),
+    # A tuple's first element is the output (SPEC 11: models that return tuples are unwrapped).
+    ("score returns a tuple of None", lambda: purify(x0(), lambda y, s: (None,), cfg()),
+     r"^score must return a floating"),
+    ("score returns a string", lambda: purify(x0(), lambda y, s: "score", cfg()), r"^score must return a floating"),
     ("score returns the wrong shape", lambda: purify(x0(), lambda y, s: y[:, :, :2], cfg()), r"score returned shape"),
     ("score detached, reference backend", lambda: purify(x0(), _detached, cfg(), backend="reference"),
      r"does not depend on its input"),

@@ -173,8 +173,14 @@ def test_bpda_purifier_backward_is_identity():
 
 def test_none_purifier_returns_no_graph():
     pur = Purifier(make_score(), small_config(), backend="torch")
-    out = pur(make_images().requires_grad_(True))
-    assert not out.requires_grad
+    x = make_images().requires_grad_(True)
+    out = pur(x)
+    # No gradient through the purification: a backward names the grad modes that have one
+    # (issue 40) instead of torch's "appears to not have been used in the graph".
+    with pytest.raises(RuntimeError, match="grad_mode='bpda'.*grad_mode='full'"):
+        torch.autograd.grad(out.sum(), x)
+    with torch.no_grad():
+        assert not pur(x).requires_grad
     assert isinstance(pur.score, torch.nn.Module) and "score" in dict(pur.named_children())
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import checks
-from ..purifier import GRAD_MODES
+from ..purifier import GRAD_MODES, check_output_finite, purifier_forward, score_call
 
 
 class ADPPurifier(nn.Module):
@@ -59,22 +59,29 @@ class ADPPurifier(nn.Module):
         return y.detach().clamp(0, 1) + (y - y.detach())
 
     def _purify(self, x: torch.Tensor) -> torch.Tensor:
+        """The purification of x (already validated, in the compute dtype), as differentiable as
+        the caller's grad mode makes it."""
+        call = score_call(self.score, double_backward=self.grad_mode.startswith("full") and torch.is_grad_enabled())
         noise = torch.randn(x.shape[1:], generator=torch.Generator("cpu").manual_seed(self.seed),
                             dtype=torch.float32).to(device=x.device, dtype=x.dtype)
         y = self._clamp(x + self.noise_std * noise)
         sig = torch.full((x.shape[0],), self.sigma, device=x.device, dtype=x.dtype)
-        for _ in range(self.steps):
-            s = self.score(y, sig)
-            if s.shape != y.shape:
-                raise ValueError(f"score returned shape {tuple(s.shape)}, expected {tuple(y.shape)}")
-            y = y + self.alpha * self.sigma**2 * s
-        return self._clamp(y)
+        for step in range(self.steps):
+            # The boundary checks the output (shape, dtype, device, graph) and records NaN/Inf.
+            y = y + self.alpha * self.sigma**2 * call(y, sig, step)
+        return check_output_finite(call, self._clamp(y), who="ADPPurifier")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_mode.startswith("full"):
-            return self._purify(x)
-        with torch.no_grad():
-            out = self._purify(x.detach())
-        if self.grad_mode == "bpda":
-            return out + (x - x.detach())
-        return out
+        """Purify x (B, C, H, W) in [0, 1].
+
+        Returns:
+            Purified images in [0, 1], x's shape, dtype and device (float16/bfloat16 images are
+            purified in float32).
+
+        Raises:
+            ValueError: bad images (named with the fix), a score that cannot take them or returns
+                a wrong output.
+            NonFiniteScoreError: the score returned NaN/Inf (the message names the step).
+            RuntimeError: in a backward pass through the output of grad_mode="none".
+        """
+        return purifier_forward(self._purify, x, self.grad_mode, who="ADPPurifier")

@@ -60,6 +60,15 @@ Deviations from the official code (GitHub GaozhengPei/Purification), all deliber
   (the official min-max scaling divides by zero).
 - mask="all" skips the resampling (no pixel outside the mask is left to re-noise), so it is
   plain DDIM purification from t_l, the "uniform noise" baseline.
+
+Schedule. SPEC 8's linear betas (1e-4 .. 0.02, T = 1000) for a VE score of this library, which
+has no schedule of its own. A `VPScore` on [-1, 1] data (a DDPM/diffusers model) brings its
+own: alpha_bar = [1, alphas_cumprod...], betas from the ratios beta_t = 1 - ab_t / ab_(t-1),
+T = len(alphas_cumprod), and the network is asked for its noise prediction at x_t and its own
+0-based time t - 1 (`VPScore.noise_prediction`), with no VE round trip.
+
+Score calls go through the score-call boundary (`pursamere_fast.purifier.score_call`): outputs
+checked, NaN/Inf recorded on the device and raised once per pass naming the step.
 """
 
 from __future__ import annotations
@@ -74,8 +83,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import checks
-from ..purifier import GRAD_MODES
-from ..scores.adapters import NoisePredictor, VPNoisePredictor, vp_alpha_bar
+from ..purifier import GRAD_MODES, check_output_finite, purifier_forward, score_call
+from ..scores.adapters import NoisePredictor, VPNoisePredictor, VPScore, vp_alpha_bar
 
 __all__ = ["HeteroPurifier", "HeteroNoise", "SALIENCY_STAGES", "MASKS", "saliency_map", "saliency_mask",
            "ddim_step", "vp_alpha_bar"]
@@ -202,7 +211,7 @@ def saliency_map(classifier: nn.Module, x: torch.Tensor, *, stages: Sequence[str
     try:
         for name in names:
             handles.append(modules[name].register_forward_hook(keep(name)))
-        with torch.no_grad():
+        with torch.no_grad(), checks.model_errors("classifier", x):
             classifier(x.detach())
     finally:
         for handle in handles:
@@ -298,7 +307,8 @@ class HeteroPurifier(nn.Module):
             uniform-t_s baseline is HeteroPurifier(t_l=t_s, mask="all")).
         top_q: if given, the saliency mask is the top_q fraction of pixels instead of A >= tau.
         stages: the classifier's stage modules (see `saliency_map`).
-        T: diffusion steps of the schedule `vp_alpha_bar(T)`.
+        T: diffusion steps of the schedule `vp_alpha_bar(T)` (default 1000); for a `VPScore`
+            on [-1, 1] data, its schedule's length (the default; another T is an error).
         max_rows: most network rows per sampler pass of `purify_runs` (whole runs, at least
             one per pass); None: CPU_MAX_VALUES // (C * H * W) rows on the CPU, every run in
             one pass elsewhere.
@@ -310,9 +320,11 @@ class HeteroPurifier(nn.Module):
     def __init__(self, score: Callable, classifier: nn.Module | None, *, t_l: int = 200, t_s: int = 100,
                  resample_steps: int = 3, grid_steps: int = 500, tau: float = 0.9, seed: int = 0,
                  grad_mode: str = "none", mask: str = "saliency", top_q: float | None = None,
-                 stages: Sequence[str] | None = None, T: int = 1000, max_rows: int | None = None):
+                 stages: Sequence[str] | None = None, T: int | None = None, max_rows: int | None = None):
         super().__init__()
-        self.T = checks.integer("T", T, 1)
+        # float64 on the CPU: coefficients only. alpha_bar[t], t = 0..T (1-based, alpha_bar[0] = 1)
+        # and betas[t - 1] = beta_t.
+        self.T, self.alpha_bar, self.betas = _schedule(score, T)
         self.grid_steps = checks.integer("grid_steps", grid_steps, 1, self.T)
         if self.T % self.grid_steps:
             raise ValueError(f"grid_steps must divide T = {self.T}, got {grid_steps!r}")
@@ -341,10 +353,11 @@ class HeteroPurifier(nn.Module):
         self.classifier = classifier
         self.stages = None if mask == "all" else _stages(classifier, stages)
         self.noise_predictor = self._noise_predictor(score)
-        self.alpha_bar = vp_alpha_bar(self.T, BETA_MIN, BETA_MAX)  # float64, CPU: coefficients only
         self._plan, self._noise_coefficients = self._make_plan()
 
     def _noise_predictor(self, score) -> NoisePredictor:
+        if _own_schedule(score):
+            return ModelNoisePredictor(score)
         if isinstance(score, VPNoisePredictor) and (score.T, score.beta_min, score.beta_max) != (self.T, BETA_MIN,
                                                                                                     BETA_MAX):
             raise ValueError(f"score must use this purifier's schedule (T={self.T}, betas {BETA_MIN}..{BETA_MAX}), "
@@ -362,7 +375,7 @@ class HeteroPurifier(nn.Module):
         """Per grid step its `_Step`; per resampling step the (U,) weights of the forward
         noises in n and the weight of the renoise in o (module docstring), float64."""
         ab, u = self.alpha_bar.tolist(), self.resample_steps
-        beta = [0.0, *torch.linspace(BETA_MIN, BETA_MAX, self.T, dtype=torch.float64).tolist()]  # beta[t], 1-based
+        beta = [0.0, *self.betas.tolist()]  # beta[t], 1-based
         plan, weights_f, weights_r = [], [], []
         for t in self.timesteps[:-1]:
             tau = t - self.stride
@@ -465,24 +478,28 @@ class HeteroPurifier(nn.Module):
         state = torch.add(init[:, None] * math.sqrt(1 - ab_l), xb, alpha=math.sqrt(ab_l))
         full = self.grad_mode.startswith("full") and torch.is_grad_enabled()
         times = [torch.full((runs * b,), step.t, dtype=torch.int64, device=x.device) for step in self._plan]
-        for step, t in zip(self._plan, times):
+        eps = _NoiseCall(self.noise_predictor, double_backward=full)
+        for k, (step, t) in enumerate(zip(self._plan, times)):
             i = step.resample
             extra = (n[:, i, None], o[:, i, None]) if i >= 0 else (None, None)
             if full:
-                state = checkpoint(self._step, state, xb, masks, *extra, t, step, use_reentrant=False)
+                state = checkpoint(self._step, eps, state, xb, masks, *extra, t, step, k, use_reentrant=False)
             else:
-                state = self._step(state, xb, masks, *extra, t, step)
+                state = self._step(eps, state, xb, masks, *extra, t, step, k)
         out = (state + 1) / 2
         if self.grad_mode != "full_st_proj":
-            return out.clamp(0, 1)
-        # value + 0 is the clamp's value bit for bit; out + (clamp(out) - out).detach() would round.
-        return out.detach().clamp(0, 1) + (out - out.detach())
+            out = out.clamp(0, 1)
+        else:
+            # value + 0 is the clamp's value bit for bit; out + (clamp(out) - out).detach() would round.
+            out = out.detach().clamp(0, 1) + (out - out.detach())
+        return check_output_finite(eps.call, out, who="HeteroPurifier")
 
-    def _step(self, state, xb, masks, n, o, t, step: _Step):
+    @staticmethod
+    def _step(eps, state, xb, masks, n, o, t, step: _Step, k: int):
         if step.resample >= 0:
             state = torch.where(masks, torch.add(n, state, alpha=step.a), torch.add(o, xb, alpha=step.k))
-        eps = self.noise_predictor(state.flatten(0, 1), t).view_as(state)
-        return ddim_step(state, eps, step.ab_t, step.ab_tau)
+        e = eps(state.flatten(0, 1), t, step, k).view_as(state)
+        return ddim_step(state, e, step.ab_t, step.ab_tau)
 
     def _passes(self, x, seeds, noise, mask) -> torch.Tensor:
         """All runs, in passes of at most max_rows network rows: (runs, B, C, H, W)."""
@@ -497,15 +514,9 @@ class HeteroPurifier(nn.Module):
                           for r in range(0, len(seeds), per_pass)])
 
     def _run(self, x, seeds, noise=None, mask=None) -> torch.Tensor:
-        checks.images("x", x)
-        if self.grad_mode.startswith("full"):
-            return self._passes(x, seeds, noise, mask)
-        with torch.no_grad():
-            out = self._passes(x.detach(), seeds, noise, mask)
-        if self.grad_mode == "bpda" and torch.is_grad_enabled() and x.requires_grad:
-            # BPDA: the value is exactly `out` (x - x is 0), the gradient exactly the identity.
-            return out + (x - x.detach())
-        return out
+        # Validation, precision and grad modes as every purifier (pursamere_fast.purifier).
+        return purifier_forward(lambda xc: self._passes(xc, seeds, noise, mask), x, self.grad_mode,
+                                who="HeteroPurifier")
 
     def forward(self, x: torch.Tensor, noise: HeteroNoise | None = None, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -517,10 +528,14 @@ class HeteroPurifier(nn.Module):
             mask: bool (B, 1, H, W), replaces `mask(x)`.
 
         Returns:
-            Purified images in [0, 1], x's shape, dtype and device.
+            Purified images in [0, 1], x's shape, dtype and device (float16/bfloat16 images are
+            purified in float32).
 
         Raises:
-            ValueError: bad x, noise or mask.
+            ValueError: bad x (named with the fix), noise or mask; a score or classifier that
+                cannot take x (e.g. another channel count) or returns a wrong output.
+            NonFiniteScoreError: the score returned NaN/Inf (the message names the step).
+            RuntimeError: in a backward pass through the output of grad_mode="none".
         """
         return self._run(x, [self.seed], noise, mask)[0]
 
@@ -549,3 +564,77 @@ class HeteroPurifier(nn.Module):
         return (f"t_l={self.t_l}, t_s={self.t_s}, resample_steps={self.resample_steps}, grid_steps={self.grid_steps}, "
                 f"tau={self.tau}, top_q={self.top_q}, mask={self.mask_mode!r}, seed={self.seed}, "
                 f"grad_mode={self.grad_mode!r}, T={self.T}, max_rows={self.max_rows}")
+
+
+def _own_schedule(score) -> bool:
+    """A DDPM-family model on [-1, 1] data: the purifier runs on its schedule and its own time."""
+    return isinstance(score, VPScore) and score.data_range == (-1.0, 1.0)
+
+
+def _schedule(score, T) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(T, alpha_bar (T + 1,), betas (T,)), float64 on the CPU: the model's own schedule for a
+    `VPScore` on [-1, 1] data (an explicit T must agree), else SPEC 8's linear one."""
+    if _own_schedule(score):
+        ac = score.schedule.alphas_cumprod.detach().to("cpu", torch.float64)
+        if T is not None and checks.integer("T", T, 1) != ac.numel():
+            raise ValueError(f"T must be the score model's schedule length {ac.numel()} (a VPScore brings its "
+                             f"alphas_cumprod), got {T!r}")
+        alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), ac])
+        return ac.numel(), alpha_bar, 1 - alpha_bar[1:] / alpha_bar[:-1]
+    T = checks.integer("T", 1000 if T is None else T, 1)
+    return T, vp_alpha_bar(T, BETA_MIN, BETA_MAX), torch.linspace(BETA_MIN, BETA_MAX, T, dtype=torch.float64)
+
+
+class ModelNoisePredictor(NoisePredictor):
+    """A `VPScore`'s network as the noise predictor of the purifier that runs on its schedule:
+    eps_hat(xb_t, t) = score.noise_prediction(xb_t, t - 1) (1-based t here, 0-based for the
+    model; v and x_0 predictions converted by the adapter)."""
+
+    def __init__(self, score: VPScore):
+        super().__init__()
+        self.score = score
+
+    def forward(self, xb_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.score.noise_prediction(xb_t, t - 1)
+
+
+class _AtTime:
+    """A noise predictor as the score-call boundary calls a score, (x_t, sigma): at the model time
+    `t` set before each call (the boundary records sigma for its NaN/Inf message only). A plain
+    object, not a module: the boundary leaves its input's dtype alone and the predictor casts
+    for its own network."""
+
+    def __init__(self, predictor):
+        self.predictor, self.t = predictor, None
+
+    def __call__(self, x_t, sigma):
+        return self.predictor(x_t, self.t)
+
+
+class _NoiseCall:
+    """eps_hat(xb_t, t) of a purifier pass through the score-call boundary, one per pass.
+
+    A VE score (wrapped in `VPNoisePredictor`) is called as a score, y = (xb_t / sqrt(ab) + 1) / 2
+    at sigma' = sqrt((1 - ab) / ab) / 2, eps_hat = -sigma' s (the adapter's arithmetic, op for op,
+    so the result is bitwise the adapter's). Any other noise predictor is called at its time t.
+    """
+
+    def __init__(self, predictor: NoisePredictor, *, double_backward: bool):
+        if isinstance(predictor, VPNoisePredictor):
+            self.alpha_bar = predictor.alpha_bar
+            self.call = score_call(predictor.score, double_backward=double_backward)
+        else:
+            self.alpha_bar, self.timed = None, _AtTime(predictor)
+            self.call = score_call(self.timed, double_backward=double_backward)
+
+    def __call__(self, xb_t: torch.Tensor, t: torch.Tensor, step: _Step, k: int) -> torch.Tensor:
+        where = f"{k} (t={step.t})"
+        if self.alpha_bar is None:
+            self.timed.t = t  # set on every call, also when the checkpoint recomputes this step
+            sigma = torch.full_like(t, 0.5 * math.sqrt((1 - step.ab_t) / step.ab_t), dtype=xb_t.dtype)
+            return self.call(xb_t, sigma, where)
+        ab = self.alpha_bar[t]
+        sigma = (0.5 * ((1 - ab) / ab).sqrt()).to(xb_t.dtype)
+        inv_sqrt_ab = ab.rsqrt().to(xb_t.dtype).view(-1, 1, 1, 1)
+        y = (xb_t * inv_sqrt_ab + 1) / 2
+        return -sigma.view(-1, 1, 1, 1) * self.call(y, sigma, where)
