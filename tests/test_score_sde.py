@@ -354,3 +354,31 @@ def test_preset_factories_take_the_path_alone():
     # A reduced-width checkpoint under the full-size preset: refused, naming a key.
     with pytest.raises(ValueError, match="does not match the config's network"):
         factory(path=FIXTURES / "ddpmpp_vp" / "checkpoint.pth")
+
+
+DIFFPURE_YAML = """\
+data: {dataset: CIFAR10, category: cifar10, image_size: 32, num_channels: 3, random_flip: True, centered: True,
+       uniform_dequantization: False}
+model: {sigma_min: 0.01, sigma_max: 50, num_scales: 1000, beta_min: 0.1, beta_max: 20., dropout: 0.1,
+        name: ncsnpp, scale_by_sigma: False, ema_rate: 0.9999, normalization: GroupNorm, nonlinearity: swish,
+        nf: 128, ch_mult: [1, 2, 2, 2], num_res_blocks: 8, attn_resolutions: [16], resamp_with_conv: True,
+        conditional: True, fir: False, fir_kernel: [1, 3, 3, 1], skip_rescale: True, resblock_type: biggan,
+        progressive: none, progressive_input: none, progressive_combine: sum, attention_type: ddpm,
+        init_scale: 0., embedding_type: positional, fourier_scale: 16, conv_size: 3}
+training: {sde: vpsde, continuous: True, reduce_mean: True, n_iters: 950001}
+"""
+
+
+def test_diffpure_yaml_and_configdict_forms(tmp_path):
+    """DiffPure's configs/cifar10.yml (its values, as YAML) is the DDPM++ deep preset; an
+    object with to_dict() (ml_collections.ConfigDict) is read through it."""
+    pytest.importorskip("yaml")
+    path = tmp_path / "cifar10.yml"
+    path.write_text(DIFFPURE_YAML)
+    assert parse_config(path) == parse_config("cifar10_ddpmpp_deep_continuous")
+
+    class ConfigDictLike:
+        def to_dict(self):
+            return _config("ncsnpp_ve")
+
+    assert parse_config(ConfigDictLike()) == parse_config(_config("ncsnpp_ve"))

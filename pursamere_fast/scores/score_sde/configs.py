@@ -137,20 +137,37 @@ def preset(name: str) -> dict:
     return json.loads(json.dumps(PRESETS[key]))
 
 
+def _read_file(path: str) -> object:
+    """A JSON file, or a YAML one (DiffPure's `configs/cifar10.yml` layout) when PyYAML is installed."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yml", ".yaml")):
+        try:
+            import yaml
+        except ImportError as err:
+            raise ValueError(f"config: reading {path!r} needs PyYAML (pip install pyyaml)") from err
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"config: {path!r} is not valid YAML: {err}") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config: {path!r} is not valid JSON: {err}") from err
+
+
 def _load_config(config) -> Mapping:
-    """A config dict from a dict, a JSON file, or a preset name."""
+    """A config dict from a dict, an ml_collections ConfigDict, a JSON/YAML file, or a preset name."""
     if isinstance(config, Mapping):
         return config
+    if callable(getattr(config, "to_dict", None)):  # ml_collections.ConfigDict
+        return config.to_dict()
     if isinstance(config, (str, os.PathLike)):
         text = os.fspath(config)
         if isinstance(config, str) and (config in _ALIASES or config in PRESETS):
             return preset(config)
         if os.path.isfile(text):
-            with open(text, encoding="utf-8") as f:
-                try:
-                    loaded = json.load(f)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"config: {text!r} is not valid JSON: {err}") from err
+            loaded = _read_file(text)
             if not isinstance(loaded, Mapping):
                 raise ValueError(f"config: {text!r} holds {type(loaded).__name__}, not a config dict")
             return loaded
@@ -212,6 +229,16 @@ class _Section:
         return tuple(value)
 
 
+    def taps(self, key: str) -> tuple[float, ...]:
+        value = self._get(key, _REQUIRED)
+        ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value) \
+            and sum(value) != 0
+        if not ok:
+            raise self._bad(key, value, "a non-empty list of filter taps with a non-zero sum")
+        return tuple(float(v) for v in value)
+
+
 _REQUIRED = object()
 
 
@@ -220,8 +247,9 @@ def parse_config(config) -> ScoreSdeConfig:
 
     Args:
         config: the official config as a dict (`config.to_dict()`: keys `model`, `data`,
-            `training`), a path to a JSON file of it (or of `{"config": {...}}`, the fixtures'
-            layout), or a preset name (see `PRESETS`).
+            `training`) or the ConfigDict itself, a path to a JSON file of it (or of
+            `{"config": {...}}`, the fixtures' layout) or to a YAML file of the same sections
+            (DiffPure's `configs/cifar10.yml`), or a preset name (see `PRESETS`).
 
     Returns:
         The `ScoreSdeConfig`.
@@ -254,7 +282,7 @@ def parse_config(config) -> ScoreSdeConfig:
         fields.update(beta_min=model.float("beta_min"), beta_max=model.float("beta_max", positive=True))
     if name == "ncsnpp":
         fields.update(
-            fir=model.bool("fir"), fir_kernel=tuple(float(k) for k in model.ints("fir_kernel")),
+            fir=model.bool("fir"), fir_kernel=model.taps("fir_kernel"),
             skip_rescale=model.bool("skip_rescale"), resblock_type=model.choice("resblock_type", _RESBLOCKS),
             progressive=model.choice("progressive", _PROGRESSIVE),
             progressive_input=model.choice("progressive_input", _PROGRESSIVE_INPUT),
