@@ -19,8 +19,10 @@ from .boundary import NonFiniteScoreError, ScoreCall
 from .diffusers_io import from_diffusers, load_diffusers
 from .ncsnv2 import NCSNv2, NCSNv2Score, load_ncsnv2, ncsnv2_score
 from .schedules import ContinuousVPSchedule, DiscreteVPSchedule
+from .score_sde import load_score_sde, score_sde_network
 
 __all__ = ["ScoreFn", "ScoreAdapter", "VPScore", "ContinuousVPScore", "VEScore", "NoisePredictionScore",
            "LabelIndexedScore", "ScoreAsVPModel", "from_diffusers", "load_diffusers", "DiscreteVPSchedule",
            "ContinuousVPSchedule", "ScoreCall", "NonFiniteScoreError", "NCSNv2", "NCSNv2Score", "load_ncsnv2",
-           "ncsnv2_score", "vp_alpha_bar", "NoisePredictor", "VPNoisePredictor", "NativeNoisePredictor"]
+           "ncsnv2_score", "vp_alpha_bar", "NoisePredictor", "VPNoisePredictor", "NativeNoisePredictor",
+           "load_score_sde", "score_sde_network"]
