@@ -83,8 +83,7 @@ def test_score_is_official_score_in_library_convention(expected, name, use_ema, 
         ab = e["alpha_bar_f64"]
         root_ab = ab.sqrt().view(-1, 1, 1, 1)
         sigma = torch.sqrt((1 - ab) / ab) / 2
-        y = (e["x_f64"] if "x_f64" in e else e["x"].double()) / root_ab
-        y = (y + 1) / 2
+        y = (e["x"].double() / root_ab + 1) / 2
         convert = 2 * root_ab
     else:
         assert isinstance(score, VEScore) and score.data_range == (0.0, 1.0)
