@@ -116,7 +116,7 @@ class _VPAdapter(ScoreAdapter):
     def forward(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         _check_sigma(y, sigma)
         sig_m = sigma.to(y.dtype) * self.scale
-        t = self.schedule.sigma_to_t(sig_m)
+        t = self.schedule.sigma_to_t(sig_m, scale=self.scale)
         # ab = 1 / (1 + sig_m^2); sqrt(1 - ab) = sig_m sqrt(ab) has no cancellation at small sigma.
         sqrt_ab = torch.rsqrt(1 + sig_m**2).view(-1, 1, 1, 1)
         sqrt_1mab = sig_m.view(-1, 1, 1, 1) * sqrt_ab

@@ -35,14 +35,16 @@ def _unchecked(t: torch.Tensor) -> bool:
     return t.is_meta or (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _check_range(name: str, value: torch.Tensor, low: float, high: float, shown: tuple[float, float],
-                 what: str) -> None:
-    if _unchecked(value):
+def _check_range(t: torch.Tensor, low: float, high: float, sigma: torch.Tensor, scale: float,
+                 sigma_range: tuple[float, float], what: str) -> None:
+    """Raise when a time t is outside [low, high], naming the levels in the caller's space: the
+    model-space sigma and its range divided by `scale` (the adapters' data-range width)."""
+    if _unchecked(t):
         return
-    v = value.detach()
-    if not bool(((v >= low) & (v <= high)).all()):
-        raise ValueError(f"{name} must lie in [{shown[0]:.6g}, {shown[1]:.6g}] ({what}), got values in "
-                         f"[{float(v.min()):.6g}, {float(v.max()):.6g}]")
+    if not bool(((t >= low) & (t <= high)).all()):
+        s = sigma.detach() / scale
+        raise ValueError(f"sigma must lie in [{sigma_range[0] / scale:.6g}, {sigma_range[1] / scale:.6g}] ({what}), "
+                         f"got values in [{float(s.min()):.6g}, {float(s.max()):.6g}]")
 
 
 class DiscreteVPSchedule(nn.Module):
@@ -88,9 +90,14 @@ class DiscreteVPSchedule(nn.Module):
         s = self.log_sigmas.exp()
         return float(s[0]), float(s[-1])
 
-    def sigma_to_t(self, sigma: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+    def sigma_to_t(self, sigma: torch.Tensor, *, scale: float = 1.0, check: bool = True) -> torch.Tensor:
         """The time of each model-space level sigma: real t in [0, T - 1] (float64), or its
         rounding for "nearest" (int64).
+
+        Args:
+            sigma: model-space levels (M,).
+            scale: errors show sigma / scale (an adapter's [0, 1]-space levels).
+            check: raise for a sigma outside the schedule's range (one host sync).
 
         Raises:
             ValueError: a sigma outside the schedule's range (when `check`).
@@ -103,7 +110,7 @@ class DiscreteVPSchedule(nn.Module):
         t = lo.to(torch.float64) + w
         if check:
             # 1e-9: rounding of the float64 interpolation at the grid's ends.
-            _check_range("sigma", t, -1e-9, self.T - 1 + 1e-9, self.sigma_range(), "this schedule's range")
+            _check_range(t, -1e-9, self.T - 1 + 1e-9, sigma, scale, self.sigma_range(), "the model's schedule")
         t = t.clamp(0, self.T - 1)
         return t.round().long() if self.timesteps == "nearest" else t
 
@@ -160,8 +167,9 @@ class ContinuousVPSchedule(nn.Module):
     def sigma_range(self) -> tuple[float, float]:
         return 0.0, math.sqrt(math.expm1(0.5 * (self.beta_max - self.beta_min) + self.beta_min))
 
-    def sigma_to_t(self, sigma: torch.Tensor, *, check: bool = True) -> torch.Tensor:
-        """The t in (0, 1] with ab(t) = 1 / (1 + sigma^2), float64.
+    def sigma_to_t(self, sigma: torch.Tensor, *, scale: float = 1.0, check: bool = True) -> torch.Tensor:
+        """The t in (0, 1] with ab(t) = 1 / (1 + sigma^2), float64 (`scale`, `check`: as
+        `DiscreteVPSchedule.sigma_to_t`).
 
         t^2 d / 2 + t beta_min = log(1 + sigma^2) =: L has the root
         t = 2 L / (beta_min + sqrt(beta_min^2 + 2 d L)) (the form without cancellation).
@@ -173,7 +181,7 @@ class ContinuousVPSchedule(nn.Module):
         L = torch.log1p(sigma.to(torch.float64) ** 2)
         t = 2 * L / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * d * L))
         if check:
-            _check_range("sigma", t, 0.0, 1.0 + 1e-12, self.sigma_range(), "the level of t in (0, 1]")
+            _check_range(t, 0.0, 1.0 + 1e-12, sigma, scale, self.sigma_range(), "the model's levels of t in (0, 1]")
         return t
 
     def extra_repr(self) -> str:
