@@ -192,13 +192,23 @@ def _range_hint(lo: float, hi: float) -> str:
     return ""
 
 
-def score_error(error: BaseException, name: str, y: torch.Tensor, *, images: str = "x") -> ValueError | None:
+class ModelInputError(ValueError, RuntimeError):
+    """A score or classifier could not take the images it was given (`score_error`).
+
+    A ValueError, since the input is what is wrong, and a RuntimeError, which the model's own
+    error was, so that code catching either keeps working.
+    """
+
+
+def score_error(error: BaseException, name: str, y: torch.Tensor, *, images: str = "x") -> ModelInputError | None:
     """A ValueError that says why a call of a score (or classifier) on `y` failed, or None.
 
     Purifiers wrap their model calls with this (`model_errors`), so that images the model
-    cannot take (the wrong channel count, another device, another dtype) are named at the
-    first call instead of surfacing as a convolution's RuntimeError. Errors it cannot name are
-    re-raised as they are (None).
+    cannot take are named at the first call instead of surfacing as a convolution's
+    RuntimeError: the wrong channel count (both counts named), another device, another dtype,
+    and any other RuntimeError of the model (an image size its layers were not built for),
+    named with the images' shape, dtype and device. Out-of-memory and CUDA errors are not
+    about the images and pass through (None), as does anything that is not a RuntimeError.
 
     Args:
         error: what the call raised.
@@ -207,33 +217,35 @@ def score_error(error: BaseException, name: str, y: torch.Tensor, *, images: str
         images: how the message names the purifier's images.
 
     Returns:
-        ValueError, or None for an error this function does not recognise.
+        ModelInputError, or None for an error that is not about the images.
     """
     msg = str(error)
-    if isinstance(error, torch.OutOfMemoryError) or not isinstance(error, RuntimeError):
+    if isinstance(error, torch.OutOfMemoryError) or not isinstance(error, RuntimeError) or "CUDA error" in msg:
         return None
+    first = msg.strip().splitlines()[0] if msg.strip() else type(error).__name__
     channels = re.search(r"to have (\d+) channels, but got (\d+) channels", msg)
     if channels:
         want, got = int(channels.group(1)), int(channels.group(2))
         hint = ""
         if y.dim() == 4 and y.shape[-1] == want:
             hint = f"; if {images} is channels-last (B, H, W, C), permute it with x.permute(0, 3, 1, 2)"
-        return ValueError(f"{images} has C={got} channels but the {name} model takes C={want} (its first "
+        return ModelInputError(f"{images} has C={got} channels but the {name} model takes C={want} (its first "
                           f"convolution's input channels): use a {name} model for {got}-channel images or images "
                           f"with {want} channels{hint}")
     if re.search(r"same device|Expected all tensors to be on|cuda\.\w*Tensor|is on \w+ but|device type", msg):
-        return ValueError(f"{images} is on {y.device} but the {name} model is elsewhere ({msg.splitlines()[0]}): "
+        return ModelInputError(f"{images} is on {y.device} but the {name} model is elsewhere ({first}): "
                           f"move the {name} model to the images' device (model.to(x.device))")
     if re.search(r"dtype|scalar type|Input type \(\w+\) and (weight|bias) type", msg):
-        return ValueError(f"the {name} model cannot take {images}'s dtype {y.dtype} ({msg.splitlines()[0]}): "
+        return ModelInputError(f"the {name} model cannot take {images}'s dtype {y.dtype} ({first}): "
                           f"cast the images (x.float()) or the model (model.to(x.dtype)) so that they agree")
-    return None
+    return ModelInputError(f"the {name} model failed on {images} (its input of shape {tuple(y.shape)}, {y.dtype}, on "
+                      f"{y.device}): {first}; check that it takes images of this shape (channels and size)")
 
 
 @contextlib.contextmanager
 def model_errors(name: str, y: torch.Tensor, *, images: str = "x"):
-    """Within this context a RuntimeError that `score_error` can name becomes its ValueError
-    (chained to the original); anything else passes through unchanged."""
+    """Within this context a model's RuntimeError about its input becomes the `ModelInputError`
+    of `score_error` (chained to the original); anything else passes through unchanged."""
     try:
         yield
     except RuntimeError as e:

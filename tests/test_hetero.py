@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from kernel_checks import assert_2x, assert_equal
+from pursamere_fast.reference import hetero_reference
 from torch import nn
 
-from kernel_checks import assert_2x, assert_equal
 from pursamere_fast.nets import ConvScoreNet, SmallCNN
 from pursamere_fast.purifiers import (
     SALIENCY_STAGES,
@@ -18,8 +19,8 @@ from pursamere_fast.purifiers import (
     saliency_map,
     saliency_mask,
 )
-from pursamere_fast.reference import hetero_reference
-from pursamere_fast.scores import NativeNoisePredictor, NoisePredictor, VPNoisePredictor, vp_alpha_bar
+from pursamere_fast.scores import NativeNoisePredictor, NoisePredictor, VPNoisePredictor, VPScore, vp_alpha_bar
+from pursamere_fast.scores.schedules import DiscreteVPSchedule
 
 pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]
 
@@ -106,6 +107,61 @@ def test_native_noise_predictor_plugs_in_directly():
     assert [int(t[0]) for t in seen] == [s.t - 1 for s in native._plan]  # 0-based: our t - 1
     with pytest.raises(ValueError, match="score"):
         HeteroPurifier(VPNoisePredictor(score, T=500), classifier, **SMALL)
+
+
+def cosine_alphas_cumprod(T=1000):
+    """diffusers' DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod, in float64."""
+    def f(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+class GaussianEps(nn.Module):
+    """The exact noise prediction, on the schedule `ac` at the model's own (0-based) time t, for
+    data x ~ N(mu, s2) per pixel in [0, 1]-space (xb = 2x - 1 ~ N(2mu - 1, 4 s2)):
+    E[eps | x_t] = sqrt(1 - ab) (x_t - sqrt(ab)(2mu - 1)) / (4 s2 ab + 1 - ab)."""
+
+    def __init__(self, ac, mu=0.3, s2=0.05):
+        super().__init__()
+        self.schedule, self.mu, self.s2, self.seen = DiscreteVPSchedule(ac), mu, s2, []
+
+    def forward(self, x_t, t):
+        self.seen.append(t.clone())
+        ab = self.schedule.alpha_bar(t).to(x_t.dtype).view(-1, 1, 1, 1)
+        return (1 - ab).sqrt() * (x_t - ab.sqrt() * (2 * self.mu - 1)) / (4 * self.s2 * ab + 1 - ab)
+
+
+def test_vp_score_brings_its_own_schedule():
+    """A VPScore on [-1, 1] data runs the purifier on the model's schedule (issue 37 item 1):
+    alpha_bar = [1, alphas_cumprod], betas from the ratios, T from the model, the network asked
+    at its own time t - 1; not SPEC 8's linear schedule."""
+    _, classifier = nets()
+    ac = cosine_alphas_cumprod()
+    model = GaussianEps(ac)
+    p = HeteroPurifier(VPScore(model, ac), classifier, **SMALL)
+    assert p.T == 1000 and torch.equal(p.alpha_bar, torch.cat([torch.ones(1, dtype=torch.float64), ac]))
+    betas = 1 - p.alpha_bar[1:] / p.alpha_bar[:-1]
+    assert (p.alpha_bar[1:] - vp_alpha_bar()[1:]).abs().max() > 0.01  # the schedules differ
+    x = images(3, seed=4)
+    noise, mask = [n.to(x.dtype) for n in p.make_noise(x.shape[1:])], p.mask(x)
+    model.seen.clear()
+    out = p(x)
+    assert [int(t[0]) for t in model.seen] == [s.t - 1 for s in p._plan]  # 0-based model time
+    assert all(t.dtype == torch.int64 for t in model.seen)
+    # The reference on the model's betas (it rebuilds alpha_bar by cumprod: rounding apart).
+    want = hetero_reference(x, p.noise_predictor, mask, noise, t_l=p.t_l, t_s=p.t_s, stride=p.stride,
+                            resample_steps=p.resample_steps, betas=betas)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    linear = hetero_reference(x, p.noise_predictor, mask, noise, t_l=p.t_l, t_s=p.t_s, stride=p.stride,
+                              resample_steps=p.resample_steps)
+    assert (out - linear).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="T must be the score model's schedule length 1000"):
+        HeteroPurifier(VPScore(model, ac), classifier, **SMALL, T=500)
+    # A VPScore on [0, 1] data is a score like any other: SPEC 8's schedule.
+    assert torch.equal(HeteroPurifier(VPScore(model, ac, data_range=(0.0, 1.0)), classifier, **SMALL).alpha_bar,
+                       vp_alpha_bar())
 
 
 # --- saliency mask ------------------------------------------------------------------------
