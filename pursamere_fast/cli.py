@@ -1,180 +1,29 @@
-"""The `pursamere-fast` command line: demo, example, training and evaluation.
+"""The `pursamere-fast` command line: it only dispatches a subcommand to its module in `pursamere_fast.commands`.
 
-Also the pieces every subcommand builds its parser from: `ArgumentParser` (one-line errors),
-argparse `type=` functions that check a value with `pursamere_fast.checks` (`integer`,
-`real`, `choice`, `listed`, `device`, `existing_file`, ...) and `option_errors` for values that
-can only be checked once they are used (factories, TOML keys, KEY=VALUE overrides).
+Each subcommand lives in its own module there (its argparse parser, its `main`, the steps from
+options or a TOML file to the library's typed objects); the library itself imports no
+argparse and no command. `pursamere-fast SUBCOMMAND --help` describes each.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import os
+import importlib
 import sys
-import time
 
-from . import checks
-from .purify import BACKENDS
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error, `prog: error: message`, and exit code 2.
-
-    argparse prints the usage block first; one line naming the option reads better in a log,
-    and the usage is one --help away.
-    """
-
-    def error(self, message):
-        # Messages of loaders and factories may span lines.
-        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
-
-
-@contextlib.contextmanager
-def option_errors(parser: argparse.ArgumentParser, option: str):
-    """Turn a ValueError or OSError raised inside the block into a parser error naming `option`.
-
-    For values that can only be checked when they are used: a factory is imported and
-    called, a TOML file read, an override applied. Only the code inside the block is
-    covered, so a bug elsewhere still shows its traceback.
-    """
-    try:
-        yield
-    except (ValueError, OSError) as e:
-        parser.error(f"argument {option}: {e}")
-
-
-def number(text: str) -> float:
-    """A decimal number or a fraction such as "8/255" (ValueError otherwise)."""
-    num, slash, den = text.partition("/")
-    if not slash:
-        return float(text)
-    if float(den) == 0:
-        raise ValueError(f"division by zero in {text!r}")
-    return float(num) / float(den)
-
-
-def _checked(check, parse):
-    """An argparse type: `parse` a command-line string, then `check` the value.
-
-    A value that is not a string (a TOML number) goes to the check as it is, and so does a
-    string that does not parse: the check refuses it in its own words.
-    """
-    def convert(value):
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = parse(value.strip())
-        try:
-            return check(value)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return convert
-
-
-def integer(minimum: int | None = None, maximum: int | None = None):
-    """argparse type: an integer in [minimum, maximum]."""
-    return _checked(lambda v: checks.integer("value", v, minimum, maximum), int)
-
-
-def real(minimum: float | None = None, maximum: float | None = None, *, positive: bool = False):
-    """argparse type: a finite number in [minimum, maximum] (> 0 if `positive`); fractions such as 8/255 allowed."""
-    return _checked(lambda v: checks.real("value", v, minimum, maximum, positive=positive), number)
-
-
-def choice(options):
-    """argparse type: one of the strings `options` (for the items of a `listed` option)."""
-    return _checked(lambda v: checks.choice("value", v, tuple(options)), str)
-
-
-def listed(item):
-    """argparse type: a comma-separated list (or a TOML array) of values of the type `item`."""
-    def convert(value):
-        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not items:
-            raise argparse.ArgumentTypeError(f"value must be a non-empty comma-separated list, got {value!r}")
-        return [item(v) for v in items]
-    return convert
-
-
-random_seed = integer(0, checks.MAX_SEED)
-
-
-def device(text: str) -> str:
-    """argparse type: "cpu", "cuda" or "cuda:<index>" of a GPU that this machine has."""
-    import torch
-
-    try:
-        d = torch.device(text) if isinstance(text, str) else None
-    except RuntimeError:
-        d = None
-    if d is None or d.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"value must be 'cpu', 'cuda' or 'cuda:<index>', got {text!r}")
-    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"value must be a GPU of this machine ({torch.cuda.device_count()} "
-                                         f"found), got {text!r}")
-    return text
-
-
-def existing_file(text: str) -> str:
-    """argparse type: the path of an existing file."""
-    if not isinstance(text, str) or not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"value must be an existing file, got {text!r}")
-    return text
-
-
-def existing_dir(text: str) -> str:
-    """argparse type: the path of an existing directory."""
-    if not isinstance(text, str) or not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"value must be an existing directory, got {text!r}")
-    return text
-
-
-# The shipped Fashion-MNIST test subset (pursamere_fast.pretrained) holds this many images.
-SHIPPED_IMAGES = 1000
-
-
-def _example(argv):
-    p = ArgumentParser(prog="pursamere-fast example",
-                       description="Purify shipped Fashion-MNIST test images; print timing and the ERE trace.")
-    p.add_argument("--n", type=integer(1, SHIPPED_IMAGES), default=16,
-                   help=f"number of shipped test images (<= {SHIPPED_IMAGES})")
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
-    p.add_argument("--device", type=device, default="cpu")
-    args = p.parse_args(argv)
-    import torch
-
-    from . import purify
-    from .pretrained import fashion_mnist
-
-    d = fashion_mnist(device=args.device)
-    x = d.images[: args.n]
-    t0 = time.perf_counter()
-    x_pur, ere = purify(x, d.score, d.config, backend=args.backend, return_ere=True)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    with torch.no_grad():
-        acc_in = (d.classifier(x).argmax(1) == d.labels[: args.n]).float().mean().item()
-        acc_out = (d.classifier(x_pur).argmax(1) == d.labels[: args.n]).float().mean().item()
-    print(f"purified {len(x)} images in {dt:.2f} s ({len(x) / dt:.1f} images/s, backend={args.backend}, "
-          f"K={d.config.num_steps}, N={d.config.n_samples})")
-    print(f"classifier accuracy: input {acc_in:.3f}, purified {acc_out:.3f}")
-    print("mean ERE before step k:")
-    for k, (s, e) in enumerate(zip(d.config.step_sigmas(), ere.mean(0).tolist())):
-        print(f"  k={k:3d} sigma={s:.4f} ere={e:.3f}")
-    return 0
-
-
+# subcommand -> (module of pursamere_fast.commands, function taking argv and returning the exit code)
 COMMANDS = {
-    "example": ("pursamere_fast.cli", "_example"),
-    "demo": ("pursamere_fast.demo", "main"),
-    "train-score": ("pursamere_fast.train", "main_train_score"),
-    "train-classifier": ("pursamere_fast.train", "main_train_classifier"),
-    "score-quality": ("pursamere_fast.train.quality", "main"),
-    "evaluate": ("pursamere_fast.attacks", "main_evaluate"),
-    "sanity": ("pursamere_fast.attacks", "main_sanity"),
-    "convergence": ("pursamere_fast.attacks.convergence", "main"),
-    "suite-summary": ("pursamere_fast.attacks.suite", "main"),
+    "example": ("example", "main"),
+    "demo": ("demo", "main"),
+    "train-score": ("train_score", "main_train_score"),
+    "train-classifier": ("train_classifier", "main_train_classifier"),
+    "score-quality": ("quality", "main"),
+    "evaluate": ("evaluate", "main_evaluate"),
+    "sanity": ("evaluate", "main_sanity"),
+    "convergence": ("convergence", "main"),
+    "suite-summary": ("suite_summary", "main"),
+    "sweep": ("sweep", "main"),
+    "protocol": ("protocol", "main"),
+    "summarise": ("summarise", "main"),
 }
 
 
@@ -187,10 +36,8 @@ def main(argv=None):
     if not argv or argv[0] not in COMMANDS:
         print(usage, file=sys.stderr)
         return 2
-    import importlib
-
     module, name = COMMANDS[argv[0]]
-    return getattr(importlib.import_module(module), name)(argv[1:]) or 0
+    return getattr(importlib.import_module(f"pursamere_fast.commands.{module}"), name)(argv[1:]) or 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`pursamere-fast demo`: the whole defence on the shipped Fashion-MNIST defaults.
+"""The demo (`pursamere-fast demo`, `commands/demo.py`): the whole defence on the shipped Fashion-MNIST defaults.
 
 Attacks shipped test images with gray-box PGD (the classifier alone) and BPDA-det (PGD
 through classifier(purify(x)) with an identity backward and the defence's own fixed noise),
@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from . import Purifier, purify
 from .attacks import PurifiedClassifier, pgd
-from .cli import SHIPPED_IMAGES, ArgumentParser, device, integer, option_errors, real
+from . import checks
 from .purify import BACKENDS
 from .pretrained import fashion_mnist
+
+# The shipped Fashion-MNIST test subset (pursamere_fast.pretrained) holds this many images.
+SHIPPED_IMAGES = 1000
 
 
 def _accuracy(classifier, x, y, batch=256):
@@ -86,41 +90,59 @@ def save_ere_plot(path, traces, sigmas):
     plt.close(fig)
 
 
-def main(argv=None):
-    p = ArgumentParser(prog="pursamere-fast demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=integer(1, SHIPPED_IMAGES), default=256,
-                   help=f"number of shipped test images (<= {SHIPPED_IMAGES})")
-    p.add_argument("--out-dir", default="demo_out", help="where the PNGs go")
-    p.add_argument("--eps", type=real(positive=True), default=8 / 255,
-                   help="linf budget (a fraction such as 8/255 allowed)")
-    p.add_argument("--pgd-steps", type=integer(1), default=10, help="gray-box PGD steps")
-    p.add_argument("--bpda-steps", type=integer(1), default=5, help="BPDA-det PGD steps")
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    with option_errors(p, "--out-dir"):
-        os.makedirs(args.out_dir, exist_ok=True)
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's settings, checked at construction.
 
-    d = fashion_mnist(device=args.device)
-    x, y = d.images[: args.n], d.labels[: args.n]
-    alpha = args.eps / 4
+    Attributes:
+        n: shipped test images (1..SHIPPED_IMAGES). out_dir: where the PNGs go.
+        eps: linf budget. pgd_steps: gray-box PGD steps. bpda_steps: BPDA-det PGD steps.
+        backend: purify backend. device: where to run.
+    """
+
+    n: int = 256
+    out_dir: str = "demo_out"
+    eps: float = 8 / 255
+    pgd_steps: int = 10
+    bpda_steps: int = 5
+    backend: str = "auto"
+    device: str = "cpu"
+
+    def __post_init__(self):
+        checks.integer("n", self.n, 1, SHIPPED_IMAGES)
+        checks.real("eps", self.eps, positive=True)
+        checks.integer("pgd_steps", self.pgd_steps, 1)
+        checks.integer("bpda_steps", self.bpda_steps, 1)
+        checks.choice("backend", self.backend, BACKENDS)
+
+
+def run_demo(config: DemoConfig) -> int:
+    """Attack, purify and report as the module docstring says; print the table, write the PNGs.
+
+    Returns:
+        0 (the process exit code of the command).
+    """
+    os.makedirs(config.out_dir, exist_ok=True)
+    d = fashion_mnist(device=config.device)
+    x, y = d.images[: config.n], d.labels[: config.n]
+    alpha = config.eps / 4
     t_start = time.perf_counter()
     with tqdm(total=5, desc="demo", unit="phase") as bar:
         bar.set_postfix_str("gray-box PGD")
-        adv_gray = pgd(d.classifier, x, y, norm="linf", eps=args.eps, alpha=alpha, steps=args.pgd_steps)
+        adv_gray = pgd(d.classifier, x, y, norm="linf", eps=config.eps, alpha=alpha, steps=config.pgd_steps)
         bar.update()
         bar.set_postfix_str("purify clean")
-        pur_clean, ere_clean, t_clean = _purify_timed(x, d, args.backend)
+        pur_clean, ere_clean, t_clean = _purify_timed(x, d, config.backend)
         bar.update()
         bar.set_postfix_str("purify gray-box")
-        pur_gray, ere_gray, t_gray = _purify_timed(adv_gray, d, args.backend)
+        pur_gray, ere_gray, t_gray = _purify_timed(adv_gray, d, config.backend)
         bar.update()
         bar.set_postfix_str("BPDA-det PGD")
-        defended = PurifiedClassifier(Purifier(d.score, d.config, grad_mode="bpda", backend=args.backend), d.classifier)
-        adv_bpda = pgd(defended, x, y, norm="linf", eps=args.eps, alpha=alpha, steps=args.bpda_steps)
+        defended = PurifiedClassifier(Purifier(d.score, d.config, grad_mode="bpda", backend=config.backend), d.classifier)
+        adv_bpda = pgd(defended, x, y, norm="linf", eps=config.eps, alpha=alpha, steps=config.bpda_steps)
         bar.update()
         bar.set_postfix_str("purify BPDA-det")
-        pur_bpda, ere_bpda, t_bpda = _purify_timed(adv_bpda, d, args.backend)
+        pur_bpda, ere_bpda, t_bpda = _purify_timed(adv_bpda, d, config.backend)
         bar.update()
     total = time.perf_counter() - t_start
 
@@ -128,12 +150,12 @@ def main(argv=None):
     rows = [
         ("clean, undefended", _accuracy(d.classifier, x, y)),
         ("clean, purified", _accuracy(d.classifier, pur_clean, y)),
-        (f"gray-box PGD-{args.pgd_steps}, undefended", _accuracy(d.classifier, adv_gray, y)),
-        (f"gray-box PGD-{args.pgd_steps}, purified", _accuracy(d.classifier, pur_gray, y)),
-        (f"BPDA-det PGD-{args.bpda_steps}, undefended", _accuracy(d.classifier, adv_bpda, y)),
-        (f"BPDA-det PGD-{args.bpda_steps}, purified", _accuracy(d.classifier, pur_bpda, y)),
+        (f"gray-box PGD-{config.pgd_steps}, undefended", _accuracy(d.classifier, adv_gray, y)),
+        (f"gray-box PGD-{config.pgd_steps}, purified", _accuracy(d.classifier, pur_gray, y)),
+        (f"BPDA-det PGD-{config.bpda_steps}, undefended", _accuracy(d.classifier, adv_bpda, y)),
+        (f"BPDA-det PGD-{config.bpda_steps}, purified", _accuracy(d.classifier, pur_bpda, y)),
     ]
-    print(f"\nFashion-MNIST, n={len(x)}, linf eps={args.eps:.4f}, alpha={alpha:.4f}, device={args.device}, "
+    print(f"\nFashion-MNIST, n={len(x)}, linf eps={config.eps:.4f}, alpha={alpha:.4f}, device={config.device}, "
           f"K={d.config.num_steps}, N={d.config.n_samples}, SAM r={d.config.sam_radius:.4f}, rho={d.config.rho:.4f}")
     print(f"| {'setting':<34} | accuracy |")
     print(f"|{'-' * 36}|----------|")
@@ -141,8 +163,8 @@ def main(argv=None):
         print(f"| {name:<34} | {acc:8.3f} |")
     print(f"purify: {sec_per_image * 1e3:.1f} ms per image; whole demo {total:.1f} s")
 
-    grid_path = os.path.join(args.out_dir, "demo_grid.png")
-    ere_path = os.path.join(args.out_dir, "demo_ere.png")
+    grid_path = os.path.join(config.out_dir, "demo_grid.png")
+    ere_path = os.path.join(config.out_dir, "demo_ere.png")
     save_grid(grid_path, x, adv_bpda, pur_bpda)
     save_ere_plot(ere_path, {"clean": ere_clean, "gray-box PGD": ere_gray, "BPDA-det": ere_bpda},
                   d.config.step_sigmas())

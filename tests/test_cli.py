@@ -8,7 +8,9 @@ from test_data import write_fashion
 
 from pursamere_fast import cli
 from pursamere_fast.attacks import sweep
-from pursamere_fast.attacks.cli import load_toml
+from pursamere_fast.attacks.loading import load_toml
+from pursamere_fast.commands import options
+from pursamere_fast.commands import sweep as sweep_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,7 +173,7 @@ def test_hostile_command_line(files, argv, option, capsys):
 @pytest.mark.parametrize("argv, option", SWEEP_CASES, ids=[" ".join(a) for a, _ in SWEEP_CASES])
 def test_hostile_sweep_command_line(files, argv, option, capsys):
     argv = [a.format(tmp=files) for a in argv]
-    _assert_one_line_error(sweep.main, argv, f"python -m pursamere_fast.attacks.sweep {argv[0]}", option, capsys)
+    _assert_one_line_error(sweep_command.main, argv, f"pursamere-fast sweep {argv[0]}", option, capsys)
     assert not (files / "sweep_out").exists()
 
 
@@ -196,22 +198,22 @@ def test_unknown_command_is_refused_on_one_line(capsys):
 
 
 def test_types_accept_good_values_from_the_command_line_and_toml():
-    assert cli.real(positive=True)("8/255") == 8 / 255
-    assert cli.real(0, 1)(1) == 1.0
-    assert cli.integer(1)(" 3 ") == 3 and cli.integer(1)(3) == 3
-    assert cli.listed(cli.real(0))("0,4/255, 0.5") == [0.0, 4 / 255, 0.5]
-    assert cli.listed(cli.integer(1))([5, 10]) == [5, 10]
-    assert cli.device("cpu") == "cpu"
-    for bad_type, bad_value in [(cli.integer(1), 2.0), (cli.integer(1), True), (cli.real(), "inf"),
-                                (cli.listed(cli.integer(1)), ""), (cli.device, "cuda:-1")]:
+    assert options.real(positive=True)("8/255") == 8 / 255
+    assert options.real(0, 1)(1) == 1.0
+    assert options.integer(1)(" 3 ") == 3 and options.integer(1)(3) == 3
+    assert options.listed(options.real(0))("0,4/255, 0.5") == [0.0, 4 / 255, 0.5]
+    assert options.listed(options.integer(1))([5, 10]) == [5, 10]
+    assert options.device("cpu") == "cpu"
+    for bad_type, bad_value in [(options.integer(1), 2.0), (options.integer(1), True), (options.real(), "inf"),
+                                (options.listed(options.integer(1)), ""), (options.device, "cuda:-1")]:
         with pytest.raises(argparse.ArgumentTypeError, match="value must"):
             bad_type(bad_value)
 
 
 def test_option_errors_let_genuine_bugs_through():
-    parser = cli.ArgumentParser(prog="x")
+    parser = options.ArgumentParser(prog="x")
     with pytest.raises(KeyError):
-        with cli.option_errors(parser, "--x"):
+        with options.option_errors(parser, "--x"):
             {}["bug"]
 
 

@@ -7,7 +7,8 @@ import torch
 
 from pursamere_fast import PurifyConfig
 from pursamere_fast.attacks import Defence, PurifiedClassifier, pgd, toy
-from pursamere_fast.attacks.convergence import convergence_table, main, run_convergence
+from pursamere_fast.attacks.convergence import convergence_table, run_convergence
+from pursamere_fast.commands.convergence import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

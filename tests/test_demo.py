@@ -2,14 +2,15 @@
 
 import pytest
 
-from pursamere_fast import cli, demo
+from pursamere_fast import cli
+from pursamere_fast.commands import demo as demo_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_prints_table_and_writes_pngs(tmp_path, capsys):
-    assert demo.main(["--n", "4", "--pgd-steps", "1", "--bpda-steps", "1", "--out-dir", str(tmp_path)]) == 0
+    assert demo_command.main(["--n", "4", "--pgd-steps", "1", "--bpda-steps", "1", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for row in ("clean, undefended", "gray-box PGD-1, purified", "BPDA-det PGD-1, purified", "ms per image"):
         assert row in out
@@ -19,7 +20,7 @@ def test_demo_prints_table_and_writes_pngs(tmp_path, capsys):
 
 def test_demo_rejects_bad_n_on_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        demo.main(["--n", "0", "--out-dir", str(tmp_path)])
+        demo_command.main(["--n", "0", "--out-dir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == ("pursamere-fast demo: error: argument --n: value must be an integer "
                                        ">= 1 and <= 1000, got 0\n")

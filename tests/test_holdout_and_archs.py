@@ -14,7 +14,8 @@ from pursamere_fast.config import geometric_sigmas
 from pursamere_fast.data import load_fashion_mnist
 from pursamere_fast.nets import ConvScoreNet, NCSNv2ScoreNet, UNetScoreNet, load_net, save_net
 from pursamere_fast.train import CHECKPOINT, ResumeError, train_score
-from pursamere_fast.train._cli import load_datasets
+from pursamere_fast.commands.options import ArgumentParser
+from pursamere_fast.commands.training import load_datasets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,7 +61,7 @@ def one_line_error(argv, option, capsys):
 def test_holdout_drops_exactly_the_last_images(tmp_path, holdout):
     root = fashion(tmp_path)
     images, labels = load_fashion_mnist("train", root)
-    (x, y), (tx, _), (hx, hy) = load_datasets(cli.ArgumentParser(), parsed(root, holdout), held_out=True)
+    (x, y), (tx, _), (hx, hy) = load_datasets(ArgumentParser(), parsed(root, holdout), held_out=True)
     assert len(x) == N_TRAIN - holdout and (x == images[:N_TRAIN - holdout]).all() and (y == labels[:len(x)]).all()
     assert len(tx) == 6 and len(hx) == holdout
     if holdout:
@@ -68,7 +69,7 @@ def test_holdout_drops_exactly_the_last_images(tmp_path, holdout):
         assert torch.equal(torch.from_numpy(hx), vx) and torch.equal(torch.from_numpy(hy), vy)
         assert torch.equal(validation_split(1, str(root))[0], vx[-1:])  # a smaller split is inside it
     else:  # nothing copied: the arrays the loader gave, as before the option existed
-        assert (x == images).all() and len(load_datasets(cli.ArgumentParser(), parsed(root, 0))) == 2
+        assert (x == images).all() and len(load_datasets(ArgumentParser(), parsed(root, 0))) == 2
 
 
 @pytest.mark.parametrize("command", ["train-score", "train-classifier"])

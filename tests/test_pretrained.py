@@ -57,7 +57,7 @@ def test_default_release_and_the_v1_shorthand():
 
 
 def test_protocol_models_never_saw_the_held_out_images():
-    from pursamere_fast.attacks.protocol import check_held_out
+    from pursamere_fast.protocol import check_held_out
 
     root = resources.files("pursamere_fast.pretrained")
     for name in RELEASES["protocol"][:2]:

@@ -1,8 +1,8 @@
-"""The evaluation protocols (docs/protocol.md), pursamere_fast/attacks/protocol.py: config
+"""The evaluation protocols (docs/protocol.md), pursamere_fast/protocol/: config
 resolution and the selection rule; CIFAR-10 (WideResNet, crop-flip augmentation, the official
-checkpoint as a score, configs/run_cifar10.sh end to end in its smoke profile on a synthetic
+checkpoint as a score, scripts/run_cifar10.sh end to end in its smoke profile on a synthetic
 CIFAR-format set with the ngf-16 fixture checkpoint) and Fashion-MNIST
-(configs/run_fmnist_protocol.sh end to end in its smoke profile on a synthetic Fashion-MNIST
+(scripts/run_fmnist_protocol.sh end to end in its smoke profile on a synthetic Fashion-MNIST
 set: score training on the held-out split, score-quality, ADP re-tuned in the selection)."""
 
 import gzip
@@ -22,22 +22,24 @@ import pytest
 import torch
 
 from pursamere_fast import cli
-from pursamere_fast.attacks import protocol
-from pursamere_fast.attacks.protocol import (
-    _pin, _weights_sha256, dump_toml, resolve, select, selection_rule, spec, training_options)
-from pursamere_fast.attacks.cli import _number_or_text, attack_specs, load_toml
+from pursamere_fast import protocol
+from pursamere_fast.commands import protocol as protocol_command
+from pursamere_fast.commands.protocol import pin_inputs, weights_sha256
+from pursamere_fast.protocol import (
+    dump_toml, resolve, select, selection_rule, spec, training_options)
+from pursamere_fast.attacks.loading import attack_specs, load_toml, number_or_text
 from pursamere_fast.attacks.runner import read_rows
 from pursamere_fast.nets import ConvScoreNet, SmallCNN, UNetScoreNet, WideResNet, load_net, save_net
 from pursamere_fast.pretrained import recommended_config_dict
 from pursamere_fast.purifiers.hetero import SALIENCY_STAGES, saliency_map
 from pursamere_fast.scores import NCSNv2Score
 from pursamere_fast.train import ResumeError, train_classifier
-from pursamere_fast.train.classifier import _purify_score, crop_flip
+from pursamere_fast.train.classifier import crop_flip, load_purify_score
 from test_data import idx_bytes, write_fashion
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "tests" / "fixtures" / "ncsnv2_cifar10_ngf16" / "checkpoint.pth"
-DRIVER = ROOT / "configs" / "run_cifar10.sh"
+DRIVER = ROOT / "scripts" / "run_cifar10.sh"
 PROTOCOL = load_toml(ROOT / "configs" / "cifar10_protocol.toml")
 FMNIST = load_toml(ROOT / "configs" / "fmnist_protocol.toml")
 TEMPLATES = [spec(PROTOCOL)["select"], *spec(PROTOCOL)["tests"].values()]
@@ -164,10 +166,10 @@ def test_train_classifier_augment_is_in_the_checkpoint(tmp_path):
 
 
 def test_purify_score_reads_an_official_checkpoint():
-    score = _purify_score(str(CHECKPOINT), 3, 32)
+    score = load_purify_score(str(CHECKPOINT), 3, 32)
     assert isinstance(score, NCSNv2Score) and score.model.ngf == 16 and not score.training
     with pytest.raises(ValueError, match="3 channels, the images have 1"):
-        _purify_score(str(CHECKPOINT), 1, 32)
+        load_purify_score(str(CHECKPOINT), 1, 32)
 
 
 BAD_TRAIN = [(["--arch", "smallcnn", "--wrn-depth", "16"], "--wrn-depth"),
@@ -262,7 +264,7 @@ def test_resolve_smoke_caps_attacks_and_purification():
 def test_config_command_writes_evaluate_configs(tmp_path):
     (tmp_path / "choice.json").write_text(json.dumps(CHOICE))
     write_cifar(tmp_path / "cifar")
-    assert protocol.main(["config", "--protocol", str(ROOT / "configs" / "cifar10_protocol.toml"), "--score",
+    assert protocol_command.main(["config", "--protocol", str(ROOT / "configs" / "cifar10_protocol.toml"), "--score",
                          str(CHECKPOINT), "--data-root", str(tmp_path / "cifar"), "--choice",
                          str(tmp_path / "choice.json"), "--smoke", "--out-dir", str(tmp_path / "out"),
                          *(str(ROOT / "configs" / name) for name in TEMPLATES)]) == 0
@@ -338,15 +340,15 @@ def test_pin_refuses_a_run_made_with_other_weights(tmp_path):
     model = WideResNet(10, 1)
     save_net(model, tmp_path / "a.safetensors", {"seconds": "1"})
     save_net(model, tmp_path / "b.safetensors", {"seconds": "2"})  # other header, same weights
-    digest = _weights_sha256(tmp_path / "a.safetensors")
-    assert digest == _weights_sha256(tmp_path / "b.safetensors")
-    _pin(tmp_path / "run", {"classifier": digest})
-    _pin(tmp_path / "run", {"classifier": digest})  # the same weights continue
+    digest = weights_sha256(tmp_path / "a.safetensors")
+    assert digest == weights_sha256(tmp_path / "b.safetensors")
+    pin_inputs(tmp_path / "run", {"classifier": digest})
+    pin_inputs(tmp_path / "run", {"classifier": digest})  # the same weights continue
     with torch.no_grad():
         model.fc.bias.add_(1)
     save_net(model, tmp_path / "c.safetensors")
     with pytest.raises(ValueError, match="holds results made with other weights or settings"):
-        _pin(tmp_path / "run", {"classifier": _weights_sha256(tmp_path / "c.safetensors")})
+        pin_inputs(tmp_path / "run", {"classifier": weights_sha256(tmp_path / "c.safetensors")})
 
 
 # ---------------------------------------------------------------------------------- end to end
@@ -466,7 +468,7 @@ def test_driver_refuses_a_bad_checkpoint_and_data_before_training(tmp_path):
 
 # ---------------------------------------------------------------------------------- Fashion-MNIST
 
-FMNIST_DRIVER = ROOT / "configs" / "run_fmnist_protocol.sh"
+FMNIST_DRIVER = ROOT / "scripts" / "run_fmnist_protocol.sh"
 FMNIST_TRAIN, FMNIST_TEST = 48, 8  # synthetic images; the smoke profile holds the last 8 training images out
 GRID_KEYS = ("rho", "sam_radius", "steps_per_sigma", "n_samples")
 
@@ -499,7 +501,7 @@ def test_fmnist_protocol_is_the_v1_setup_and_the_issue_13_grid():
     # The test suite is the shipped evaluation's (configs/fmnist_suite.toml).
     assert attack_specs(templates["suite"]["attack"]) == attack_specs(load_toml(ROOT / "configs" / "fmnist_suite.toml")
                                                                       ["attack"])
-    assert {(a["norm"], float(_number_or_text(a["eps"]))) for a in templates["bpda200"]["attack"] if "norm" in a} == {
+    assert {(a["norm"], float(number_or_text(a["eps"]))) for a in templates["bpda200"]["attack"] if "norm" in a} == {
         ("linf", 8 / 255), ("l2", 1.0), ("l1", 10.0)}
 
 
@@ -648,7 +650,7 @@ def test_verdicts_pair_each_claim_under_its_measures():
     keys += [(clf, "suite", "worst case", d) for clf in ("clean", "aug")
              for d in ("pursamere-sam", "pursamere-nosam", "adp")]
     maps = {k: {0: True, 1: "-sam" in k[3]} for k in keys}
-    comps = protocol._comparisons(maps)
+    comps = protocol.comparisons(maps)
     got = {c[:6]: (c[6]["n"], c[6]["a_only"], c[6]["b_only"]) for c in comps}
     bpda, gpgd, worst = "bpda-linf-x", "gpgd-linf-x", "worst case"
     sam_vs = {("(ii)", "clean", "main", m, "pursamere-sam-rho8", "pursamere-nosam-rho8"): (2, 1, 0)
@@ -666,7 +668,7 @@ def test_verdicts_pair_each_claim_under_its_measures():
     assert [c[0] for c in comps] == sorted((c[0] for c in comps), key=list(protocol.CLAIMS).index)
     # A job one classifier has not reached yet gives no comparison, not a "no difference".
     maps |= {("aug", "suite", worst, d): {} for d in ("pursamere-sam", "pursamere-nosam", "adp")}
-    assert {c[:6] for c in protocol._comparisons(maps)} == {k for k in want if k[1] == "clean"}
+    assert {c[:6] for c in protocol.comparisons(maps)} == {k for k in want if k[1] == "clean"}
 
 
 def test_suite_worst_case_of_a_running_job_counts_images_every_member_reached(tmp_path):
@@ -680,10 +682,10 @@ def test_suite_worst_case_of_a_running_job_counts_images_every_member_reached(tm
     # The first batch has reached gpgd only: no image's worst case is known yet.
     rows = [{**row, "index": i, "attack": a} for i in (0, 1) for a in ("clean", "gpgd")]
     (job / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert protocol._robust_maps(tmp_path) == {key: {}}
+    assert protocol.robust_maps(tmp_path) == {key: {}}
     rows.append({**row, "index": 0, "attack": "bpda"})
     (job / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert protocol._robust_maps(tmp_path) == {key: {0: True}}
+    assert protocol.robust_maps(tmp_path) == {key: {0: True}}
 
 
 def test_report_figure_has_a_panel_per_job_and_measure(tmp_path):
@@ -698,7 +700,7 @@ def test_report_figure_has_a_panel_per_job_and_measure(tmp_path):
                       ("bpda200", "bpda-l2-x"): {("clean", "none"): (1, 3)}}
     assert list(panels) == [("main", "bpda-linf-x"), ("suite", "worst case"), ("bpda200", "bpda-l2-x")]
     names = ["pursamere-nosam-rho8", "pursamere-sam-rho16", "adp", "none", "pursamere-sam-rho8"]
-    assert sorted(names, key=protocol._defence_order) == [
+    assert sorted(names, key=protocol.defence_order) == [
         "none", "adp", "pursamere-sam-rho8", "pursamere-sam-rho16", "pursamere-nosam-rho8"]
     path = protocol.plot_report(maps, tmp_path / "report.png")
     assert Path(path).read_bytes()[:4] == b"\x89PNG"
@@ -741,7 +743,7 @@ def test_fmnist_driver_refuses_a_score_trained_on_the_held_out_images(tmp_path):
     shipped = ROOT / "pursamere_fast" / "pretrained" / "fashion_mnist_v1_score.safetensors"  # all 60,000 images
     proc = _fmnist_driver(tmp_path / "fashion", "--smoke", "--score", shipped, tmp_path / "out", timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith("configs/run_fmnist_protocol.sh: error: argument --score: ")
+    assert proc.stderr.startswith("scripts/run_fmnist_protocol.sh: error: argument --score: ")
     assert "was trained with --holdout 0" in proc.stderr and not (tmp_path / "out").exists()
     for args, message in ((("--score", "nope"), "error: --score: no such file: nope"),
                           (("a", "b"), "error: at most one OUT_DIR"), (("--bad",), "error: unknown option: --bad")):
@@ -752,8 +754,8 @@ def test_fmnist_driver_refuses_a_score_trained_on_the_held_out_images(tmp_path):
 
 def test_stage_log_keeps_earlier_runs_and_a_failure_exits(tmp_path, capsys):
     (tmp_path / "logs").mkdir()
-    protocol._stage(tmp_path, "job", "pursamere-fast job", lambda argv: print("first pass", argv), ["--n", "1"])
-    protocol._stage(tmp_path, "job", "pursamere-fast job", lambda argv: print("second pass", argv), ["--n", "2"])
+    protocol_command.stage(tmp_path, "job", "pursamere-fast job", lambda argv: print("first pass", argv), ["--n", "1"])
+    protocol_command.stage(tmp_path, "job", "pursamere-fast job", lambda argv: print("second pass", argv), ["--n", "2"])
     log = (tmp_path / "logs" / "job.log").read_text()
     # A stage rerun at a larger n appends: the earlier pass's output stays, each run with its command.
     assert log.count("$ pursamere-fast job --n ") == 2 and log.index("first pass") < log.index("second pass")
@@ -762,5 +764,5 @@ def test_stage_log_keeps_earlier_runs_and_a_failure_exits(tmp_path, capsys):
     def fails(argv):
         raise RuntimeError("boom")
     with pytest.raises(SystemExit):
-        protocol._stage(tmp_path, "job", "pursamere-fast job", fails, [])
+        protocol_command.stage(tmp_path, "job", "pursamere-fast job", fails, [])
     assert "boom" in (tmp_path / "logs" / "job.log").read_text() and "stage job failed" in capsys.readouterr().err

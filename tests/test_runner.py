@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from pursamere_fast import PurifyConfig
-from pursamere_fast.attacks import (AttackSpec, Defence, evaluate, grid, main_evaluate, main_sanity, read_rows,
+from pursamere_fast.attacks import (AttackSpec, Defence, evaluate, grid, read_rows,
                                     run_sanity, wilson_interval)
 from pursamere_fast.attacks import toy
-from pursamere_fast.attacks.cli import load_object
+from pursamere_fast.attacks.loading import load_object
+from pursamere_fast.commands.evaluate import main_evaluate, main_sanity
 from pursamere_fast.purify import CPU_CHUNK_PIXELS
 
 CONFIG = """\
@@ -285,11 +286,11 @@ def test_mcnemar_exact_matches_the_binomial_test():
 
 
 def test_key_value_overrides_parse_json_fractions_and_strings():
-    from pursamere_fast.attacks.cli import _kv
-    assert _kv(["sam_radius=8/255", "n_samples=2", "norm=l2", "betas=[0.8, 0.9]"]) == {
+    from pursamere_fast.attacks.loading import key_values
+    assert key_values(["sam_radius=8/255", "n_samples=2", "norm=l2", "betas=[0.8, 0.9]"]) == {
         "sam_radius": 8 / 255, "n_samples": 2, "norm": "l2", "betas": [0.8, 0.9]}
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        _kv(["sam_radius"])
+        key_values(["sam_radius"])
 
 
 def test_defence_array_names_variants_and_refuses_bad_entries(tmp_path, capsys):

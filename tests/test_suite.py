@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pursamere_fast import PurifyConfig
-from pursamere_fast.attacks import AttackSpec, Defence, main_evaluate, read_rows, toy
+from pursamere_fast.attacks import AttackSpec, Defence, read_rows, toy
+from pursamere_fast.commands.evaluate import main_evaluate
 from pursamere_fast.attacks.suite import (CLEAN, default_suite, paired_robust, robust_per_image, run_suite,
                                           summarise_suite, suite_markdown)
 
@@ -207,7 +208,8 @@ def test_autoattack_check_compares_with_the_suite(setup, tmp_path):
 
 def test_summary_of_a_stopped_run_from_its_shards(setup, tmp_path, capsys):
     clf, data, defences, members = setup
-    from pursamere_fast.attacks.suite import main, summarise_dir, summarise_rows
+    from pursamere_fast.attacks.suite import summarise_dir, summarise_rows
+    from pursamere_fast.commands.suite_summary import main
 
     out = tmp_path / "s"
     full = run_suite(clf, data, defences, members[:2], out_dir=str(out), batch_size=8, progress=False)

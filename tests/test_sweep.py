@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pursamere_fast.attacks import sweep
+from pursamere_fast.commands import sweep as sweep_command
 
 
 def _write_train_idx(directory, n):
@@ -147,7 +148,7 @@ def test_toy_sweep_runs_end_to_end_and_collects(tmp_path, capsys):
     out = tmp_path / "sweep"
     cfg = tmp_path / "sweep.toml"
     cfg.write_text(TOML.format(out=out))
-    assert sweep.main(["run", "--config", str(cfg), "--no-progress"]) == 0
+    assert sweep_command.main(["run", "--config", str(cfg), "--no-progress"]) == 0
     report = json.loads((out / "sweep.json").read_text())
     rows = {r["defence"]: r for r in report["choice"]["rows"]}
     assert set(rows) == {"rho=0.0,sam_radius=0.0", "rho=0.0,sam_radius=4/255",
@@ -173,7 +174,7 @@ def test_toy_sweep_runs_end_to_end_and_collects(tmp_path, capsys):
     (out / "rows.jsonl").write_text("\n".join(rows[:victim] + rows[victim + 1:]) + "\n")
     assert all(e["n"] == 7 for e in sweep.collect([str(out)]))
     assert sorted({e["n"] for e in sweep.collect([str(out)], complete_only=False)}) == [7, 8]
-    assert sweep.main(["collect", "--out", str(tmp_path / "res"), str(out)]) == 0
+    assert sweep_command.main(["collect", "--out", str(tmp_path / "res"), str(out)]) == 0
     assert len(json.loads((tmp_path / "res" / "summary.json").read_text())) == 15
     assert "| sweep |" in (tmp_path / "res" / "summary.md").read_text()
     assert (tmp_path / "res" / "acc_vs_eps.png").stat().st_size > 0
@@ -186,7 +187,7 @@ def test_explicit_points_mix_pursamere_and_adp(tmp_path, capsys):
               '[[point]]\ndefence = "adp"\nsigma = 0.1\nnoise_std = "1/10"\nsteps = 2\n')
     cfg = tmp_path / "points.toml"
     cfg.write_text("robust_tol = 0.5\n" + TOML.format(out=out).replace(grid, points))
-    assert sweep.main(["run", "--config", str(cfg), "--no-progress"]) == 0
+    assert sweep_command.main(["run", "--config", str(cfg), "--no-progress"]) == 0
     report = json.loads((out / "sweep.json").read_text())
     rows = {r["defence"]: r for r in report["choice"]["rows"]}
     assert set(rows) == {"rho=16/255,n_samples=1", "adp:sigma=0.1,noise_std=0.1,steps=2"}
@@ -198,10 +199,10 @@ def test_explicit_points_mix_pursamere_and_adp(tmp_path, capsys):
                           (TOML.format(out=out).replace(grid, '[[point]]\ndefence = "dip"\n'), "'dip'")]:
         cfg.write_text(text)
         with pytest.raises(SystemExit) as exit_info:
-            sweep.main(["run", "--config", str(cfg), "--no-progress"])
+            sweep_command.main(["run", "--config", str(cfg), "--no-progress"])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert err.startswith("python -m pursamere_fast.attacks.sweep run: error: argument --config: ")
+        assert err.startswith("pursamere-fast sweep run: error: argument --config: ")
         assert message in err
 
 
@@ -222,7 +223,7 @@ def test_compare_counts_discordant_pairs_on_common_images(tmp_path, capsys):
     assert (r["n"], r["only_a"], r["only_b"]) == (9, 4, 1)
     assert r["acc_a"] == 8 / 9 and r["acc_b"] == 5 / 9
     assert r["p_value"] == pytest.approx(2 * 6 / 32)   # P(X <= 1), X ~ Bin(5, 1/2), two-sided
-    assert sweep.main(["compare", f"{a}:sam", str(b), "--attack", "bpda-x", "--attack-b", "bpda-y"]) == 0
+    assert sweep_command.main(["compare", f"{a}:sam", str(b), "--attack", "bpda-x", "--attack-b", "bpda-y"]) == 0
     assert "only_a=4 only_b=1" in capsys.readouterr().out
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +29,7 @@ from torch import nn
 from .. import checks
 
 from .runner import _device_of, _get, _indices, read_rows
-from .stats import wilson_interval
+from .stats import format_accuracy, wilson_interval
 from .threats import GRAD_MODE, Defence, clean_predictions
 from .pgd import NORMS, pgd
 
@@ -187,39 +186,6 @@ def plot_convergence(table: dict, path: str) -> str:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`pursamere-fast convergence`: the accuracy-vs-steps/restarts study of one defence and estimator."""
-    from ..cli import choice, integer, real
-    from .cli import _build_common, _common_parser, _defences, _parse, DEFENCES
-
-    p = _common_parser("pursamere-fast convergence", "Robust accuracy against PGD steps and restarts (fixed step).")
-    p.add_argument("--out", default="runs/convergence", help="results directory")
-    p.add_argument("--defence", default="pursamere", choices=DEFENCES)
-    p.add_argument("--threat", default="bpda", type=choice(("gpgd", *GRAD_MODE)))
-    p.add_argument("--eps", type=real(positive=True), default="8/255")
-    p.add_argument("--steps", type=integer(1), default=200)
-    p.add_argument("--loss", default="ce", type=choice(("ce", "cw", "dlr")))
-    p.add_argument("--validation", type=integer(0), default=0,
-                   help="attack the last N Fashion-MNIST training images (held out from selection) instead of "
-                        "--data")
-    args, cfg = _parse(p, argv)
-    common = _build_common(p, args, cfg)
-    (defence,) = _defences(p, [(args.defence, args.defence, {})], args, cfg, classifier=common["classifier"])
-    data, indices = common["data"], common["indices"]
-    if args.validation:
-        from .sweep import validation_split
-
-        data = validation_split(args.validation)
-        indices = list(range(args.validation))
-    table = run_convergence(common["classifier"], data, defence, out_dir=args.out, threat=args.threat,
-                            norm=args.norm, eps=args.eps, alpha=args.alpha, steps=args.steps,
-                            restarts=args.restarts, loss=args.loss, seed=args.seed, indices=indices,
-                            batch_size=args.batch_size, mean=common["mean"], std=common["std"],
-                            device=common["device"], progress=not args.no_progress)
-    sys.stdout.write(convergence_markdown(table))
-    return 0
-
-
 def convergence_markdown(table: dict) -> str:
     """Markdown grid: rows = restarts, columns = steps."""
     steps = sorted({g["steps"] for g in table["grid"]})
@@ -227,6 +193,6 @@ def convergence_markdown(table: dict) -> str:
     for r in sorted({g["restarts"] for g in table["grid"]}):
         cells = {g["steps"]: g for g in table["grid"] if g["restarts"] == r}
         lines.append(f"| {r} | {next(iter(cells.values()))['n']} | " + " | ".join(
-            f"{100 * cells[s]['acc']:.1f} [{100 * cells[s]['ci'][0]:.0f}, {100 * cells[s]['ci'][1]:.0f}]"
+            format_accuracy(cells[s]["acc"], cells[s]["ci"], digits=0)
             if s in cells and cells[s]["acc"] is not None else "-" for s in steps) + " |")
     return f"n = {table['n']} (clean correct {table['clean_correct']})\n\n" + "\n".join(lines) + "\n"

@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import checks
 
-from .stats import wilson_interval
+from .stats import format_accuracy, wilson_interval
 from .threats import AttackSpec, Defence, clean_predictions, run_attack
 
 ROWS = "rows.jsonl"
@@ -208,10 +208,7 @@ def summarise(rows: Sequence[dict], settings: Sequence[tuple[Defence, AttackSpec
 
 
 def _fmt_acc(e: dict, what: str) -> str:
-    if e[f"{what}_acc"] is None:
-        return "-"
-    lo, hi = e[f"{what}_ci"]
-    return f"{100 * e[f'{what}_acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return format_accuracy(e[f"{what}_acc"], e[f"{what}_ci"])
 
 
 def markdown_table(summary: Sequence[dict]) -> str:

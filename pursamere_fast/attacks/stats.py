@@ -61,3 +61,19 @@ def mcnemar_exact(b: int, c: int) -> float:
         return 1.0
     tail = sum(math.comb(m, i) for i in range(min(b, c) + 1)) / 2**m
     return min(1.0, 2 * tail)
+
+
+def format_accuracy(acc: float | None, ci=None, digits: int = 1) -> str:
+    """An accuracy in percent with its interval, e.g. "87.5 [80.1, 92.3]"; "-" when acc is None.
+
+    The one formatter of every table the harness writes (runner, suite, sweep, convergence,
+    protocol, summarise).
+
+    Args:
+        acc: accuracy in [0, 1], or None (no rows yet).
+        ci: (low, high) in [0, 1], or None for the accuracy alone.
+        digits: decimals of the interval's bounds (the accuracy always has one).
+    """
+    if acc is None:
+        return "-"
+    return f"{100 * acc:.1f}" + (f" [{100 * ci[0]:.{digits}f}, {100 * ci[1]:.{digits}f}]" if ci else "")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Mapping, Sequence
 
@@ -40,7 +39,7 @@ from .. import checks
 
 from .runner import (MANIFEST, ROWS, _all_rows, _barrier, _check_manifest, _device_of, _dist, _get, _indices, _key,
                      _merge, _per_rank, _perturbation, read_rows)
-from .stats import mcnemar_exact, wilson_interval
+from .stats import format_accuracy, mcnemar_exact, wilson_interval
 from .threats import AttackSpec, Defence, clean_predictions, predict, run_attack
 
 CLEAN = "clean"
@@ -364,20 +363,14 @@ def paired_robust(a: Mapping[int, bool], b: Mapping[int, bool]) -> dict:
             "b_only": b_only, "p": mcnemar_exact(a_only, b_only)}
 
 
-def _pct(acc, ci=None) -> str:
-    if acc is None:
-        return "-"
-    return f"{100 * acc:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
-
-
 def suite_markdown(summary: dict) -> str:
     """Markdown: the worst case per defence, then each member beside it, then the paired tests."""
     lines = ["| defence | n | clean acc % [95% CI] | worst-case robust acc % [95% CI] | CPU-s / image |",
              "|---|---|---|---|---|"]
     for e in summary["defences"]:
         cpu = "-" if e["cpu_s_per_image"] is None else f"{e['cpu_s_per_image']:.1f}"
-        lines.append(f"| {e['defence']} | {e['n']} | {_pct(e['clean_acc'], e['clean_ci'])} "
-                     f"| {_pct(e['robust_acc'], e['robust_ci'])} | {cpu} |")
+        lines.append(f"| {e['defence']} | {e['n']} | {format_accuracy(e['clean_acc'], e['clean_ci'])} "
+                     f"| {format_accuracy(e['robust_acc'], e['robust_ci'])} | {cpu} |")
     cascade = summary["cascade"]
     for e in summary["defences"]:
         lines += ["", f"**{e['defence']}** (n = {e['n']}; members in {'cascade' if cascade else 'full'} order)", "",
@@ -387,8 +380,8 @@ def suite_markdown(summary: dict) -> str:
         for s in e["members"]:
             cpu = "-" if s["cpu_s"] is None else f"{s['cpu_s']:.2f}"
             only = "" if cascade else f"{s['only']} | "
-            lines.append(f"| {s['member']} | {s['ran']} | {s['broke']} | {_pct(s['acc_on_ran'])} "
-                         f"| {_pct(s['robust_after'])} | {only}{cpu} |")
+            lines.append(f"| {s['member']} | {s['ran']} | {s['broke']} | {format_accuracy(s['acc_on_ran'])} "
+                         f"| {format_accuracy(s['robust_after'])} | {only}{cpu} |")
     if summary["paired"]:
         lines += ["", "| paired (worst case) | n | only a robust | only b robust | exact McNemar p |",
                   "|---|---|---|---|---|"]
@@ -518,17 +511,3 @@ def summarise_dir(out_dir: str) -> dict:
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(suite_markdown(summary))
     return summary
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`pursamere-fast suite-summary OUT_DIR`: summarise a suite run, finished or not."""
-    from ..cli import ArgumentParser, option_errors
-
-    p = ArgumentParser(prog="pursamere-fast suite-summary",
-                       description="Summarise a suite run (evaluate --suite) from its rows.")
-    p.add_argument("out_dir", help="the run's --out directory")
-    args = p.parse_args(argv)
-    with option_errors(p, "out_dir"):
-        summary = summarise_dir(args.out_dir)
-    sys.stdout.write(suite_markdown(summary))
-    return 0

@@ -3,9 +3,9 @@
 The recommended config is chosen on a validation split carved from the END of the
 Fashion-MNIST training set (`validation_split`), never on the test set:
 
-    python -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep.toml
-    python -m pursamere_fast.attacks.sweep collect --out results/fmnist runs/fmnist/test_none runs/fmnist/final/*
-    python -m pursamere_fast.attacks.sweep compare runs/fmnist/final/sam_main runs/fmnist/final/nosam_main \
+    pursamere-fast sweep run --config configs/fmnist_sweep.toml
+    pursamere-fast sweep collect --out results/fmnist runs/fmnist/test_none runs/fmnist/final/*
+    pursamere-fast sweep compare runs/fmnist/final/sam_main runs/fmnist/final/nosam_main \
         --attack bpda-linf-eps0.0313725-s20     # paired: same images, exact McNemar p-value
 
 Selection rule (`choose_config`): among the configs whose clean accuracy is at most
@@ -18,7 +18,8 @@ this is "the most robust config, cost only breaking ties". A tolerance buys spee
 validation data cannot tell configs apart: evaluation at useful n is bounded by purification
 cost, so a 4x cheaper config that is as robust is worth more than a point estimate.
 
-Under torchrun each process takes every world_size-th batch (as `evaluate` does).
+Under torchrun each process takes every world_size-th batch (as `evaluate` does). The command
+is `pursamere_fast.commands.sweep`.
 """
 
 from __future__ import annotations
@@ -26,18 +27,18 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .. import checks
-from ..cli import ArgumentParser, existing_dir, existing_file, integer, option_errors
 from . import defences as registry
-from .cli import _init_distributed, _kv, _number_or_text, attack_specs, load_object, load_purify_config, load_toml
-from .runner import _all_rows, _dist, _len, evaluate, markdown_table, plot_summary
-from .stats import mcnemar_exact, wilson_interval
-from .threats import Defence, grid
+from .loading import attack_specs, key_values, load_object, load_purify_config, number_or_text
+from .runner import _all_rows, _len
+from .stats import format_accuracy, mcnemar_exact, wilson_interval
+from .threats import Defence
 
 
 def validation_split(size: int = 256, root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,26 +238,6 @@ def compare(a: str, b: str, attack: str, attack_b: str | None = None, *, field: 
             "only_a": only_a, "only_b": only_b, "p_value": mcnemar_exact(only_a, only_b)}
 
 
-def _compare(argv: Sequence[str]) -> int:
-    p = ArgumentParser(prog="python -m pursamere_fast.attacks.sweep compare",
-                       description="Paired (same images) comparison of two defences: accuracies, "
-                                   "discordant counts and the exact McNemar p-value.")
-    p.add_argument("a", help="run_dir or run_dir:defence")
-    p.add_argument("b", help="run_dir or run_dir:defence")
-    p.add_argument("--attack", required=True, help="attack label, e.g. bpda-linf-eps0.0313725-s20")
-    p.add_argument("--attack-b", default=None, help="attack label in b if it differs")
-    p.add_argument("--clean", action="store_true", help="compare clean instead of robust correctness")
-    args = p.parse_args(argv)
-    try:
-        r = compare(args.a, args.b, args.attack, args.attack_b,
-                    field="clean_correct" if args.clean else "robust_correct")
-    except ValueError as e:  # the runs or labels named do not fit (the message names them)
-        p.error(str(e))
-    sys.stdout.write(f"n={r['n']} acc_a={100 * r['acc_a']:.1f}% acc_b={100 * r['acc_b']:.1f}% "
-                     f"only_a={r['only_a']} only_b={r['only_b']} p={r['p_value']:.3g}\n")
-    return 0
-
-
 def _points(cfg: Mapping) -> list[dict]:
     """Grid points of a sweep TOML: the product of [grid], or the explicit [[point]] list.
 
@@ -269,12 +250,12 @@ def _points(cfg: Mapping) -> list[dict]:
     if "grid" in cfg:
         if not isinstance(cfg["grid"], dict):
             raise ValueError(f"[grid] must be a table of lists, got {cfg['grid']!r}")
-        return [{k: _number_or_text(v) for k, v in point.items()} for point in config_grid(cfg["grid"])]
+        return [{k: number_or_text(v) for k, v in point.items()} for point in config_grid(cfg["grid"])]
     if not isinstance(cfg["point"], list) or not all(isinstance(pt, dict) for pt in cfg["point"]):
         raise ValueError(f"[[point]] must be an array of tables, got {cfg['point']!r}")
     points = []
     for pt in cfg["point"]:
-        pt = {k: (v if k == "defence" else _number_or_text(v)) for k, v in pt.items()}
+        pt = {k: (v if k == "defence" else number_or_text(v)) for k, v in pt.items()}
         kinds = registry.kind_names()[1:]
         if pt.get("defence", "pursamere") not in kinds:
             raise ValueError(f"point defence must be one of {', '.join(map(repr, kinds))}, got {pt['defence']!r}")
@@ -287,12 +268,46 @@ _SWEEP_KEYS = ("classifier", "score", "data", "purify_config", "out", "n", "batc
 _SWEEP_REQUIRED = ("classifier", "score", "data", "out", "attack", "select")
 
 
-def _setup(cfg: Mapping, path: str) -> dict:
+@dataclass(frozen=True)
+class SweepRun:
     """Everything a sweep TOML describes, checked before the (long) evaluation starts.
 
-    Raises:
-        ValueError: naming the key, for an unknown or missing key or a bad value.
+    Attributes:
+        classifier, data: the loaded classifier and validation data; size: len(data).
+        points: the grid points (overrides, a point's optional "defence" kind popped by the builder).
+        fixed: PurifyConfig overrides under every PurSAMERE point ([pursamere]).
+        defences: "none" then one Defence per point; costs: {defence name: score evaluations
+            per purification} of the points.
+        attacks: the [[attack]] array; select: {"clean", "robust", "tiebreak"} attack labels.
+        out: results directory; n, batch_size, clean_tol, robust_tol: the run's numbers.
     """
+
+    classifier: Any
+    data: Any
+    size: int
+    points: list
+    fixed: dict
+    defences: list
+    costs: dict
+    attacks: list
+    select: dict
+    out: str
+    n: int
+    batch_size: int
+    clean_tol: float
+    robust_tol: float
+
+    @classmethod
+    def from_toml(cls, cfg: Mapping, path: str) -> SweepRun:
+        """The run of a sweep TOML (read with `loading.load_toml`); `path` names it in messages.
+
+        Raises:
+            ValueError: naming the key, for an unknown or missing key or a bad value.
+        """
+        return cls(**_setup(cfg, path))
+
+
+def _setup(cfg: Mapping, path: str) -> dict:
     unknown = sorted(set(cfg) - set(_SWEEP_KEYS))
     if unknown:
         raise ValueError(f"unknown keys {unknown} in {path}; valid: {', '.join(_SWEEP_KEYS)}")
@@ -308,7 +323,7 @@ def _setup(cfg: Mapping, path: str) -> dict:
     score = checks.function("score", load_object(cfg["score"], cfg.get("score_kwargs")))
     data = load_object(cfg["data"], cfg.get("data_kwargs"))
     base = load_purify_config(cfg["purify_config"]) if "purify_config" in cfg else None
-    fixed = _kv(cfg.get("pursamere", {}))
+    fixed = key_values(cfg.get("pursamere", {}))
     points = _points(cfg)
     defences, costs = [Defence.none()], {}
     for point in points:
@@ -336,44 +351,6 @@ def _setup(cfg: Mapping, path: str) -> dict:
             "robust_tol": checks.real("robust_tol", cfg.get("robust_tol", 0.0), 0, 1)}
 
 
-def _run(argv: Sequence[str]) -> int:
-    p = ArgumentParser(prog="python -m pursamere_fast.attacks.sweep run",
-                       description="Evaluate a grid of PurSAMERE configs on a validation split and pick one.")
-    p.add_argument("--config", type=existing_file, required=True,
-                   help="TOML: classifier, score, data, purify_config, out, n, batch_size, clean_tol, robust_tol, "
-                        "[data_kwargs], [grid] (field -> list) or [[point]] (overrides, optional defence = 'adp'), "
-                        "[[attack]] (AttackSpec fields), select = {clean, robust, tiebreak} attack labels. "
-                        "Its factories are code that is imported and called: only run configs you trust")
-    p.add_argument("--n", type=integer(1), default=None, help="override n of the TOML")
-    p.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    with option_errors(p, "--config"):
-        run = _setup(load_toml(args.config), args.config)
-    if args.n is not None:
-        if args.n > run["size"]:
-            p.error(f"argument --n: value must be <= {run['size']} (the samples of data), got {args.n}")
-        run["n"] = args.n
-    _init_distributed(None)
-    summary = evaluate(run["classifier"], run["data"], grid(run["defences"], run["attacks"]), out_dir=run["out"],
-                       indices=range(run["n"]), batch_size=run["batch_size"], progress=not args.no_progress)
-    if _dist()[0] != 0:
-        return 0
-    sel, costs = run["select"], run["costs"]
-    choice = choose_config(summary, costs, undefended="none", clean=sel["clean"], robust=sel["robust"],
-                           tiebreak=sel["tiebreak"], clean_tol=run["clean_tol"], robust_tol=run["robust_tol"])
-    chosen = None if choice["chosen"] is None else dict(run["points"][list(costs).index(choice["chosen"])])
-    report = {"choice": choice, "chosen_overrides": chosen, "fixed_overrides": run["fixed"], "summary": summary}
-    with open(os.path.join(run["out"], "sweep.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(run["out"], "sweep.md"), "w") as f:
-        f.write(sweep_markdown(choice) + "\n" + markdown_table(summary))
-    sys.stdout.write(sweep_markdown(choice))
-    return 0
-
-
 def sweep_markdown(choice: Mapping) -> str:
     """Markdown table of a `choose_config` result, the chosen row marked."""
     lines = [f"undefended clean accuracy {100 * choice['undefended_clean']:.1f}%; allowed clean drop "
@@ -385,15 +362,14 @@ def sweep_markdown(choice: Mapping) -> str:
         lo, hi = r["robust_ci"]
         lines.append(f"| {r['defence']} | {r['cost']} | {r['n']} | {100 * r['clean_acc']:.1f} "
                      f"| {100 * r['tiebreak_acc']:.1f} "
-                     f"| {100 * r['robust_acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] "
+                     f"| {format_accuracy(r['robust_acc'], (lo, hi))} "
                      f"| {'yes' if r['eligible'] else 'no'} "
                      f"| {'**yes**' if r['defence'] == choice['chosen'] else ''} |")
     return "\n".join(lines) + "\n"
 
 
 def _fmt(e: Mapping, what: str) -> str:
-    lo, hi = e[f"{what}_ci"]
-    return f"{100 * e[f'{what}_acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return format_accuracy(e[f"{what}_acc"], e[f"{what}_ci"])
 
 
 def collect_markdown(entries: Sequence[Mapping]) -> str:
@@ -405,42 +381,3 @@ def collect_markdown(entries: Sequence[Mapping]) -> str:
                      f"| {e['norm']} | {e['eps']:.6g} | {e['steps']} | {e['step_size']:.4g} | {e['n']} "
                      f"| {_fmt(e, 'clean')} | {_fmt(e, 'robust')} |")
     return "\n".join(lines) + "\n"
-
-
-def _collect(argv: Sequence[str]) -> int:
-    p = ArgumentParser(prog="python -m pursamere_fast.attacks.sweep collect",
-                       description="Summarise the rows of several run directories (finished or stopped) "
-                                   "into summary.json, summary.md and the accuracy plots.")
-    p.add_argument("--out", required=True, help="directory for summary.json and summary.md")
-    p.add_argument("--all-rows", action="store_true",
-                   help="keep every row (default: per directory, only samples with a row for every setting)")
-    p.add_argument("runs", nargs="+", type=existing_dir, help="run directories")
-    args = p.parse_args(argv)
-    with option_errors(p, "runs"):
-        entries = collect(args.runs, complete_only=not args.all_rows)
-    with option_errors(p, "--out"):
-        os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(entries, f, indent=1)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(collect_markdown(entries))
-    # Runs of the same defence name with different configs are told apart by their directory.
-    plot_summary([{**e, "defence": f"{os.path.basename(e['run'].rstrip('/'))}:{e['defence']}"} for e in entries],
-                 args.out)
-    sys.stdout.write(collect_markdown(entries))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: `run` (validation sweep), `collect` (summaries of run directories) or
-    `compare` (paired test of two defences)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": _run, "collect": _collect, "compare": _compare}
-    if not argv or argv[0] not in commands:
-        sys.stderr.write("usage: python -m pursamere_fast.attacks.sweep {run,collect,compare} [options]\n")
-        return 2
-    return commands[argv[0]](argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

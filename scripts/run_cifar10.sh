@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CIFAR-10 protocol (docs/protocol.md, "CIFAR-10") in one command, from anywhere:
 #
-#   configs/run_cifar10.sh [--smoke] NCSNV2_CHECKPOINT CIFAR10_DIR [OUT_DIR]
+#   scripts/run_cifar10.sh [--smoke] NCSNV2_CHECKPOINT CIFAR10_DIR [OUT_DIR]
 #
 # NCSNV2_CHECKPOINT: the official NCSNv2 CIFAR-10 checkpoint (checkpoint.pth of the official
 # runner; its width and sigma ladder are read from it). CIFAR10_DIR: the extracted
@@ -35,6 +35,6 @@ if [ $# -lt 2 ] || [ $# -gt 3 ]; then echo "$usage" >&2; exit 2; fi
 [ -d "$2" ] || { echo "$0: error: CIFAR10_DIR: no such directory: $2" >&2; exit 2; }
 # One process runs every stage (the same commands as pursamere-fast train-classifier and
 # evaluate, in-process): a torch import per stage would cost more than the smoke run's work.
-exec "${PYTHON:-python}" -m pursamere_fast.attacks.protocol run \
-  --protocol "$(cd "$(dirname "$0")" && pwd)/cifar10_protocol.toml" --device "${PURSAMERE_DEVICE:-auto}" \
+exec "${PYTHON:-python}" -m pursamere_fast.cli protocol run \
+  --protocol "$(cd "$(dirname "$0")/../configs" && pwd)/cifar10_protocol.toml" --device "${PURSAMERE_DEVICE:-auto}" \
   "${SMOKE[@]}" --score "$1" --data-root "$2" "${@:3}"

@@ -13,11 +13,11 @@
 #
 # A finished run's classifier is $OUT/<name>/classifier.safetensors (skipped when it exists; a
 # run stopped half-way resumes from its checkpoint). Then the attacks:
-#   configs/run_fmnist_lfr.sh eval          # the suite at linf 0.1 and 8/255 on 500 test images
-#   configs/run_fmnist_lfr.sh purified      # LFR behind PurSAMERE (the adaptive suite, paired)
-#   configs/run_fmnist_lfr.sh purified standard   # the standard softplus network behind it
+#   scripts/run_fmnist_lfr.sh eval          # the suite at linf 0.1 and 8/255 on 500 test images
+#   scripts/run_fmnist_lfr.sh purified      # LFR behind PurSAMERE (the adaptive suite, paired)
+#   scripts/run_fmnist_lfr.sh purified standard   # the standard softplus network behind it
 # Run from the repository root with the virtual environment active:
-#   nohup configs/run_fmnist_lfr.sh train > /dev/null 2>&1 &
+#   nohup scripts/run_fmnist_lfr.sh train > /dev/null 2>&1 &
 set -u
 OUT=${OUT:-runs/fmnist_lfr}
 RES=${RES:-results/fmnist_lfr}

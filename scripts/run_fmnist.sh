@@ -4,11 +4,11 @@
 # stopped at its time budget in seconds (override with B_<NAME>=...). Rows are flushed per
 # batch and resumed on a rerun, so a stopped job keeps every finished batch and rerunning
 # the same line continues where it stopped. Run from the repository root:
-#   nohup configs/run_fmnist.sh sweep > /dev/null 2>&1 &   # both validation sweeps
-#   nohup configs/run_fmnist.sh test > /dev/null 2>&1 &    # the test-set rows
-#   configs/run_fmnist.sh sam_exact sanity                 # or any jobs by name, in that order
-#   configs/run_fmnist.sh suite suite_sam autoattack       # the adaptive suite (issue 12)
-#   python -m pursamere_fast.attacks.sweep collect --out results/fmnist runs/fmnist/test_none runs/fmnist/final/*
+#   nohup scripts/run_fmnist.sh sweep > /dev/null 2>&1 &   # both validation sweeps
+#   nohup scripts/run_fmnist.sh test > /dev/null 2>&1 &    # the test-set rows
+#   scripts/run_fmnist.sh sam_exact sanity                 # or any jobs by name, in that order
+#   scripts/run_fmnist.sh suite suite_sam autoattack       # the adaptive suite (issue 12)
+#   python -m pursamere_fast.cli sweep collect --out results/fmnist runs/fmnist/test_none runs/fmnist/final/*
 set -u
 OUT=runs/fmnist
 LOG=$OUT/jobs.log
@@ -54,8 +54,8 @@ converge() {  # name budget_s threat steps restarts extra-args...: PGD convergen
 
 run() {  # one named job of the queue
   case "$1" in
-    sweep_cost) job sweep_cost "${B_SWEEP:-2400}" -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep.toml --no-progress ;;
-    sweep_adp) job sweep_adp "${B_SWEEP_ADP:-600}" -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep_adp.toml --no-progress ;;
+    sweep_cost) job sweep_cost "${B_SWEEP:-2400}" -m pursamere_fast.cli sweep run --config configs/fmnist_sweep.toml --no-progress ;;
+    sweep_adp) job sweep_adp "${B_SWEEP_ADP:-600}" -m pursamere_fast.cli sweep run --config configs/fmnist_sweep_adp.toml --no-progress ;;
     sam_main) evaluate sam_main "${B_SAM_MAIN:-3000}" configs/fmnist_main.toml sam_main "${SAM[@]}" ;;
     nosam_main) evaluate nosam_main "${B_NOSAM_MAIN:-1800}" configs/fmnist_main.toml nosam_main "${NOSAM[@]}" ;;
     adp_main) evaluate adp_main "${B_ADP_MAIN:-300}" configs/fmnist_main.toml adp_main "${ADP[@]}" ;;

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Fashion-MNIST runs of the heterogeneous-noise purifier (docs/hetero.md), each resumable (rows
 # are flushed per batch; rerun the same line to continue) and stopped at its budget in seconds:
-#   python -m pursamere_fast.attacks.sweep run --config configs/fmnist_sweep_hetero.toml   # validation
-#   configs/run_fmnist_hetero.sh suite       # the chosen setting under the suite (test set)
-#   configs/run_fmnist_hetero.sh controls    # uniform t_s, uniform t_l, random mask
+#   python -m pursamere_fast.cli sweep run --config configs/fmnist_sweep_hetero.toml   # validation
+#   scripts/run_fmnist_hetero.sh suite       # the chosen setting under the suite (test set)
+#   scripts/run_fmnist_hetero.sh controls    # uniform t_s, uniform t_l, random mask
 # then `python results/fmnist/hetero/make_summary.py runs/fmnist/final`.
 set -u
 LOG=runs/fmnist/jobs.log

@@ -19,7 +19,7 @@
 # and per_class.png. Run from the repository root with the virtual environment active
 # (`. .venv/bin/activate`; the data comes from /usr/share/datasets/fashion-mnist or
 # $PURSAMERE_FASHION_MNIST, see pursamere_fast/data.py):
-#   nohup configs/run_fmnist_lt.sh > runs/fmnist_lt.log 2>&1 &
+#   nohup scripts/run_fmnist_lt.sh > runs/fmnist_lt.log 2>&1 &
 set -u
 OUT=${OUT:-runs/fmnist_lt}
 RES=${RES:-results/fmnist_lt}

@@ -2,7 +2,7 @@
 # The Fashion-MNIST protocol of issue 13 (docs/protocol.md, "Fashion-MNIST") in one command,
 # from anywhere:
 #
-#   configs/run_fmnist_protocol.sh [--smoke] [--score SCORE_FILE] [--test-n N] [OUT_DIR]
+#   scripts/run_fmnist_protocol.sh [--smoke] [--score SCORE_FILE] [--test-n N] [OUT_DIR]
 #
 # OUT_DIR: default runs/fmnist_protocol (runs/fmnist_protocol_smoke with --smoke).
 # --score SCORE_FILE: a finished train-score file (e.g. OUT_DIR/models/score.safetensors of a
@@ -58,6 +58,6 @@ if [ $# -gt 1 ]; then echo "$0: error: at most one OUT_DIR ($usage)" >&2; exit 2
 # One process runs every stage (the same commands as pursamere-fast train-score, score-quality,
 # train-classifier and evaluate, in-process): a torch import per stage would cost more than the
 # smoke run's work.
-exec "${PYTHON:-python}" -m pursamere_fast.attacks.protocol run \
-  --protocol "$(cd "$(dirname "$0")" && pwd)/fmnist_protocol.toml" --device "${PURSAMERE_DEVICE:-auto}" \
+exec "${PYTHON:-python}" -m pursamere_fast.cli protocol run \
+  --protocol "$(cd "$(dirname "$0")/../configs" && pwd)/fmnist_protocol.toml" --device "${PURSAMERE_DEVICE:-auto}" \
   "${ARGS[@]}" "$@"

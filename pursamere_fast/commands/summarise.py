@@ -1,0 +1,1 @@
+"""`pursamere-fast summarise RUN`: placeholder, filled in below."""
