@@ -15,7 +15,8 @@ K = 4 / 16 / 32, against +475 / +1811 / +3522 MiB with plain autograd; time with
 
 What autograd gives at the non-smooth points, and we keep:
 - linf SAM: d = r * sign(g) has zero derivative, so the SAM point moves with x only
-  (the gradient of the ascent direction itself is not propagated);
+  (the gradient of the ascent direction itself is not propagated); g is then computed
+  without a graph, as that zero needs none;
 - projection and clamp: derivative 1 where a bound is inactive and 0 where it binds
   (straight through inside, zero outside); torch.maximum/minimum split the gradient
   half/half at exact ties;
@@ -91,7 +92,11 @@ def _ere_grad(x, score, sigma, eps, create_graph):
 
 def _step(x, m, v, x_adv, eps, k, sigma, lr, config, score, straight_through, create_graph):
     b1, b2 = config.betas
-    g, e = _ere_grad(x, score, sigma, eps, create_graph)
+    # linf SAM: the first gradient only feeds sign(g), whose derivative is zero, so it needs no
+    # graph; with one, the backward would walk a double backward of the score only to multiply
+    # it by zero (bench/exact_cost.py: see docs/gpu.md for the time it saved).
+    linf_sam = config.sam_radius > 0 and config.norm == "linf"
+    g, e = _ere_grad(x, score, sigma, eps, create_graph and not linf_sam)
     if config.sam_radius > 0:
         d = sam_perturbation(g, config.sam_radius, config.norm)
         g, e_sam = _ere_grad(x + d, score, sigma, eps, create_graph)

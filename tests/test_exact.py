@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from pursamere_fast.reference import purify_reference
 
 from pursamere_fast import NonFiniteScoreError, Purifier, PurifyConfig, make_noise, purify
 from pursamere_fast.exact import purify_unrolled
 from pursamere_fast.nets import ConvScoreNet
-from pursamere_fast.reference import purify_reference
-
 
 pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_thread")]
 
@@ -147,3 +146,56 @@ def test_bad_inputs_and_nonfinite_score():
 
     with pytest.raises(NonFiniteScoreError, match="step 1 .*sigma=0.3"):
         purify_unrolled(_x().requires_grad_(True), bad, cfg)
+
+
+class _Doubled(torch.autograd.Function):
+    """y -> 2y whose backward is itself differentiable and counts its own backward: one count
+    per double backward walked through the score."""
+
+    count = 0
+
+    @staticmethod
+    def forward(ctx, y):
+        return 2 * y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _DoubledBackward.apply(grad)
+
+
+class _DoubledBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad):
+        return 2 * grad
+
+    @staticmethod
+    def backward(ctx, grad2):
+        _Doubled.count += 1
+        return 2 * grad2
+
+
+@pytest.mark.parametrize("norm, walks_per_step", [("linf", 1), ("l2", 2)])
+def test_linf_sam_backward_walks_one_double_backward_per_step(norm, walks_per_step):
+    # linf: the first ERE gradient only feeds sign(g), whose derivative is zero; the backward
+    # differentiates the score twice per step only for l2, where d = r*g/||g|| depends on g.
+    cfg = _cfg(norm=norm, sam_radius=0.05, rho=0.05, steps_per_sigma=2)
+    base = _score()
+
+    def score(y, sigma):
+        return base(_Doubled.apply(y) / 2, sigma)
+
+    x = _x(b=2).requires_grad_(True)
+    out = purify_unrolled(x, score, cfg)
+    _Doubled.count = 0
+    torch.autograd.grad(out.sum(), x)
+    assert _Doubled.count == walks_per_step * cfg.num_steps
+
+
+def test_gradcheck_float64_linf_sam():
+    # sign(g) is locally constant (no component of g is 0), rho = 1 and steps of at most 0.05
+    # from [0.2, 0.8] bind neither the ball nor [0, 1], so the map is smooth around x: the gradient without the first gradient's graph is the true one.
+    cfg = _cfg(norm="linf", sam_radius=0.02, rho=1.0)
+    score = _score()
+    noise = make_noise(cfg, (1, 4, 4), dtype=torch.float64)
+    x = _x().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: purify_unrolled(t, score, cfg, noise), (x,), eps=1e-6, atol=1e-7)
