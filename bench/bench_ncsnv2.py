@@ -31,9 +31,13 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # conftest first: it sets TRITON_INTERPRET on CPU-only machines, which must happen before
 # anything imports triton (torch.utils.flop_counter does), also when record.py imports us.
@@ -41,11 +45,10 @@ from conftest import TINY, sync  # isort: skip
 
 import pytest
 import torch
+from pursamere_fast.kernels import use_triton
 from torch.utils.flop_counter import FlopCounterMode
 
-from pursamere_fast import PurifyConfig, geometric_sigmas, purify
-from pursamere_fast import graphs
-from pursamere_fast.kernels import use_triton
+from pursamere_fast import PurifyConfig, geometric_sigmas, graphs, purify
 from pursamere_fast.scores.ncsnv2 import NCSNv2, NCSNv2Score
 
 CHANNELS = 3
@@ -165,7 +168,7 @@ def precision_of(variant: Variant, device: torch.device) -> str:
     return "fp32"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flops_per_image_sample(ngf: int, image_size: int = 32) -> tuple[int, int]:
     """(forward, input-backward) FLOPs of the NCSNv2 score on one 3 x image_size^2 image-sample.
 
@@ -347,12 +350,18 @@ def test_ncsnv2_throughput(benchmark, bench_device, name, batch):
 
 
 def test_record_writes_and_merges_json(tmp_path, bench_device):
-    import record
+    # record.py imports this module: it runs as a script here rather than being imported back,
+    # so that the two modules form no import cycle.
+    def record(*args) -> Path:
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("record.py")), *args],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return Path(re.findall(r"^wrote (.+)$", proc.stdout, re.M)[-1])
 
     common = ["--size", "tiny", "--device", str(bench_device), "--out-dir", str(tmp_path)]
-    first = record.main(common + ["--variants", "torch,triton+graphs", "--tag", "a"])
-    second = record.main(common + ["--variants", "reference", "--tag", "b"])
-    merged_path = record.main(["--merge", str(first), str(second), "--out", str(tmp_path / "m.json")])
+    first = record(*common, "--variants", "torch,triton+graphs", "--tag", "a")
+    second = record(*common, "--variants", "reference", "--tag", "b")
+    merged_path = record("--merge", str(first), str(second), "--out", str(tmp_path / "m.json"))
     merged = json.loads(merged_path.read_text())
     ran = {r["variant"] for r in merged["results"]}
     assert {"torch", "reference"} <= ran

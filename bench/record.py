@@ -28,9 +28,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import bench_ncsnv2 as bn  # noqa: E402  (sets TRITON_INTERPRET on CPU-only machines first)
 import torch  # noqa: E402
 
-import bench_ncsnv2 as bn  # noqa: E402  (sets TRITON_INTERPRET on CPU-only machines first)
 import pursamere_fast  # noqa: E402
 from pursamere_fast import graphs  # noqa: E402
 
@@ -98,7 +98,7 @@ def ceilings(device: torch.device, n: int = 8192, reps: int = 10) -> dict:
                                   ("fp32", torch.float32, False)):
             torch.backends.cuda.matmul.allow_tf32 = tf32
             a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-            out[f"matmul_{name}_tflops"] = 2 * n**3 / median_ms(lambda: a @ b) / 1e9
+            out[f"matmul_{name}_tflops"] = 2 * n**3 / median_ms(lambda a=a, b=b: a @ b) / 1e9
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     src = torch.randn(2**28, device=device)
