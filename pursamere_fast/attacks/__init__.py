@@ -7,7 +7,8 @@ The purifiers it attacks besides PurSAMERE live in `pursamere_fast.purifiers`.
 
 from .apgd import apgd
 from .pgd import attack_loss, pgd, project_l1
-from .runner import evaluate, markdown_table, read_rows, summarise
+from .rows import RowStore, open_shard, read_rows, read_run
+from .runner import evaluate, markdown_table, summarise
 from .sanity import run_sanity
 from .square import square
 from .stats import format_accuracy, mcnemar_exact, wilson_interval
@@ -30,7 +31,7 @@ from .wrappers import (
 )
 
 __all__ = [
-    "THREATS", "AttackSpec", "Defence", "FreshNoisePurifier", "IdentityPurifier", "PurifiedClassifier",
+    "THREATS", "AttackSpec", "Defence", "RowStore", "open_shard", "read_run", "FreshNoisePurifier", "IdentityPurifier", "PurifiedClassifier",
     "StraightThrough", "VotingClassifier", "apgd", "attack_loss", "clean_predictions", "cosine_per_sample", "format_accuracy",
     "evaluate", "grid", "input_gradients", "markdown_table", "mcnemar_exact", "pgd",
     "project_l1", "read_rows", "run_attack", "run_sanity", "square", "summarise", "wilson_interval",

@@ -27,13 +27,11 @@ import torch
 from torch import nn
 
 from .. import checks
-
-from .runner import _device_of, _get, _indices, read_rows
+from .pgd import NORMS, pgd
+from .rows import ROWS, RowStore, check_indices, pin_settings, read_rows, take
+from .runner import eval_device
 from .stats import format_accuracy, wilson_interval
 from .threats import GRAD_MODE, Defence, clean_predictions
-from .pgd import NORMS, pgd
-
-ROWS = "rows.jsonl"
 
 
 def run_convergence(classifier: nn.Module, data, defence: Defence, *, out_dir: str, threat: str = "bpda",
@@ -75,48 +73,36 @@ def run_convergence(classifier: nn.Module, data, defence: Defence, *, out_dir: s
     restarts = checks.integer("restarts", restarts, 1)
     batch_size = checks.integer("batch_size", batch_size, 1)
     seed = checks.seed("seed", seed)
-    indices = _indices(data, indices)
-    device = _device_of(classifier, device)
+    indices = check_indices(data, indices)
+    device = eval_device(classifier, device)
     settings = {"defence": defence.name, "description": dict(defence.description), "threat": threat, "norm": norm,
                 "eps": eps, "alpha": alpha, "steps": steps, "loss": loss, "seed": seed, "device": device.type}
-    settings = json.loads(json.dumps(settings, default=str, sort_keys=True))
-    os.makedirs(out_dir, exist_ok=True)
-    mpath = os.path.join(out_dir, "manifest.json")
-    if os.path.exists(mpath):
-        with open(mpath) as f:
-            old = json.load(f)
-        if old != settings:
-            raise ValueError(f"out_dir {out_dir!r} holds a convergence run of other settings: {old}; now {settings}")
-    with open(mpath, "w") as f:
-        json.dump(settings, f, indent=1, sort_keys=True)
+    settings = pin_settings(out_dir, settings, "convergence run")
 
     path = os.path.join(out_dir, ROWS)
-    done = {(r["restart"], r["index"]) for r in read_rows(path, repair=True)}
+    store = RowStore(path, key=lambda r: (r["restart"], r["index"]))
+    done = store.done
     grad_mode = None if threat == "gpgd" else GRAD_MODE[threat]
     target = defence.model(classifier, grad_mode, mean=mean, std=std)
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(batches) * restarts, disable=not progress, desc="convergence", unit="batch")
-    with open(path, "a") as f:
+    with store:
         # Restart-major: a run stopped early still has the whole steps curve of its first restarts.
         for r in range(restarts):
             for batch in batches:
                 if all((r, i) in done for i in batch):
                     bar.update(1)
                     continue
-                x, y = _get(data, batch)
+                x, y = take(data, batch)
                 x, y = x.to(device=device, dtype=torch.float32), y.to(device=device, dtype=torch.int64)
                 cp = clean_predictions(defence, classifier, x, mean=mean, std=std).tolist()
                 seeds = [(seed + r) * 1_000_003 + i for i in batch]
                 _, first = pgd(target, x, y, norm=norm, eps=eps, alpha=alpha, steps=steps, seed=seeds, loss=loss,
                                return_history=True)
-                for j, i in enumerate(batch):
-                    if (r, i) not in done:
-                        f.write(json.dumps({"restart": r, "index": i, "label": int(y[j]),
-                                            "clean_correct": cp[j] == int(y[j]),
-                                            "first_broken": int(first[j])}, sort_keys=True) + "\n")
-                f.flush()
+                store.append({"restart": r, "index": i, "label": int(y[j]), "clean_correct": cp[j] == int(y[j]),
+                              "first_broken": int(first[j])} for j, i in enumerate(batch) if (r, i) not in done)
                 bar.update(1)
     bar.close()
     table = convergence_table(read_rows(path), indices, steps, restarts, steps_grid, restarts_grid)

@@ -20,7 +20,6 @@ broken, as in RobustBench).
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -30,118 +29,24 @@ import torch
 from torch import nn
 
 from .. import checks
-
+from .rows import (
+    ROWS,
+    barrier,
+    check_indices,
+    gather,
+    jsonable,
+    merge_run,
+    open_shard,
+    rank_world,
+    read_rows,
+    row_key,
+    take,
+)
 from .stats import format_accuracy, wilson_interval
 from .threats import AttackSpec, Defence, clean_predictions, run_attack
 
-ROWS = "rows.jsonl"
-MANIFEST = "manifest.json"
 
-
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _per_rank(values: list[int]) -> list[list[int]]:
-    """values of every rank, [rank][i]; also the barrier after which rank 0 may merge the shards."""
-    import torch.distributed as dist
-
-    rank, world = _dist()
-    if world == 1:
-        return [values]
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.zeros((world, len(values)), dtype=torch.int64, device=dev)
-    t[rank] = torch.tensor(values, dtype=torch.int64)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _key(defence: str, attack: str, index: int) -> tuple[str, str, int]:
-    return defence, attack, int(index)
-
-
-def read_rows(path: str, *, repair: bool = False) -> list[dict]:
-    """Rows of one JSONL file; a truncated last line (a run killed mid-write) is dropped.
-
-    Args:
-        path: JSONL file (missing: no rows).
-        repair: also cut the truncated last line from the file, so appending continues cleanly.
-
-    Returns:
-        The complete rows, in file order.
-
-    Raises:
-        ValueError: on a malformed line that is not the last one.
-    """
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    complete = data[: data.rfind(b"\n") + 1]
-    if repair and len(complete) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    rows = []
-    for n, line in enumerate(complete.decode("utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not a JSON row: {e}") from None
-    return rows
-
-
-def _all_rows(out_dir: str) -> list[dict]:
-    rows = read_rows(os.path.join(out_dir, ROWS))
-    for p in sorted(glob.glob(os.path.join(out_dir, "rows.rank*.jsonl"))):
-        rows += read_rows(p)
-    seen, unique = set(), []
-    for r in rows:
-        k = _key(r["defence"], r["attack"], r["index"])
-        if k not in seen:
-            seen.add(k)
-            unique.append(r)
-    return unique
-
-
-def _get(data, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        idx = torch.as_tensor(list(indices), dtype=torch.int64)
-        return data[0][idx], torch.as_tensor(data[1])[idx]
-    items = [data[i] for i in indices]
-    return torch.stack([torch.as_tensor(it[0]) for it in items]), torch.as_tensor([int(it[1]) for it in items])
-
-
-def _len(data) -> int:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        if len(data[0]) != len(data[1]):
-            raise ValueError(f"data images and labels differ in length: {len(data[0])} vs {len(data[1])}")
-        return len(data[0])
-    return len(data)
-
-
-def _indices(data, indices) -> list[int]:
-    """The dataset indices to evaluate (None: all), checked distinct and in range."""
-    size = _len(data)
-    indices = list(range(size)) if indices is None else [int(i) for i in indices]
-    bad = [i for i in indices if not 0 <= i < size]
-    if bad or len(set(indices)) != len(indices):
-        raise ValueError(f"indices must be distinct and in [0, {size}), got bad entries {bad[:5]}")
-    return indices
-
-
-def _device_of(classifier: nn.Module, device) -> torch.device:
+def eval_device(classifier: nn.Module, device) -> torch.device:
     """`device`, or the classifier's (CPU without parameters); puts the classifier in eval mode."""
     if device is None:
         p = next(iter(classifier.parameters()), None)
@@ -150,31 +55,20 @@ def _device_of(classifier: nn.Module, device) -> torch.device:
     return torch.device(device)
 
 
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str, sort_keys=True))
-
-
-def _check_manifest(out_dir: str, settings: Sequence[tuple[Defence, AttackSpec]], run: dict, image_shape,
-                    device: torch.device) -> dict:
-    path = os.path.join(out_dir, MANIFEST)
-    old = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f).get("settings", {})
-    new = dict(old)
+def setting_descriptions(settings: Sequence[tuple[Defence, AttackSpec]], run: dict, image_shape,
+                         device: torch.device) -> dict:
+    """{"defence | attack": description} of each setting for the manifest: the defence's and the
+    attack's settings and how it ran (`run`, and the defence's plan there: purify's resolved
+    score options), which change results too."""
+    out = {}
     for d, a in settings:
-        label = f"{d.name} | {a.label}"
-        # How it ran (device, batch size, purify's resolved score options) changes results too.
         here = {**run, **(d.plan(image_shape, device) if d.plan is not None else {})}
-        desc = _jsonable({"defence": dict(d.description), "attack": a.describe(), "run": here})
-        if label in old and old[label] != desc:
-            raise ValueError(f"out_dir {out_dir!r} holds results of a different setting under {label!r}: "
-                             f"stored {old[label]}, now {desc}; use a new out_dir or another name")
-        new[label] = desc
-    return new
+        out[f"{d.name} | {a.label}"] = jsonable({"defence": dict(d.description), "attack": a.describe(), "run": here})
+    return out
 
 
-def _perturbation(delta: torch.Tensor, norm: str) -> torch.Tensor:
+def perturbation_size(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-image norm ("linf", "l2" or "l1") of a batch of perturbations, in float64."""
     p = {"linf": math.inf, "l2": 2, "l1": 1}[norm]
     return torch.linalg.vector_norm(delta.flatten(1).double(), ord=p, dim=1)
 
@@ -262,20 +156,6 @@ def plot_summary(summary: Sequence[dict], out_dir: str) -> list[str]:
     return paths
 
 
-def _merge(out_dir: str, settings: Sequence[tuple[Defence, AttackSpec]]) -> list[dict]:
-    rows = _all_rows(out_dir)
-    order = {(d.name, a.label): i for i, (d, a) in enumerate(settings)}
-    rows.sort(key=lambda r: (order.get((r["defence"], r["attack"]), len(order)), r["defence"], r["attack"], r["index"]))
-    tmp = os.path.join(out_dir, ROWS + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(tmp, os.path.join(out_dir, ROWS))
-    for p in glob.glob(os.path.join(out_dir, "rows.rank*.jsonl")):
-        os.remove(p)
-    return rows
-
-
 def evaluate(classifier: nn.Module, data, settings: Sequence[tuple[Defence, AttackSpec]], *, out_dir: str,
              indices: Sequence[int] | None = None, batch_size: int = 64, mean=None, std=None,
              device: str | torch.device | None = None, progress: bool = True, plots: bool = True) -> list[dict]:
@@ -309,66 +189,53 @@ def evaluate(classifier: nn.Module, data, settings: Sequence[tuple[Defence, Atta
     labels = [(d.name, a.label) for d, a in settings]
     if len(set(labels)) != len(labels):
         raise ValueError(f"settings must have unique (defence, attack) labels, got {labels}")
-    indices = _indices(data, indices)
-    device = _device_of(classifier, device)
+    indices = check_indices(data, indices)
+    device = eval_device(classifier, device)
 
-    rank, world = _dist()
-    os.makedirs(out_dir, exist_ok=True)
-    image_shape = tuple(_get(data, indices[:1])[0].shape[1:]) if indices else ()
-    manifest = _check_manifest(out_dir, settings, {"device": device.type, "batch_size": batch_size}, image_shape,
-                               device)
-    done = {_key(r["defence"], r["attack"], r["index"]) for r in _all_rows(out_dir)}
-    _barrier()
-    if rank == 0:
-        with open(os.path.join(out_dir, MANIFEST), "w") as f:
-            json.dump({"settings": manifest}, f, indent=1, sort_keys=True)
+    rank, world = rank_world()
+    image_shape = tuple(take(data, indices[:1])[0].shape[1:]) if indices else ()
+    manifest = setting_descriptions(settings, {"device": device.type, "batch_size": batch_size}, image_shape, device)
+    store = open_shard(out_dir, manifest)
+    done = store.done
 
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     mine = batches[rank::world]
-    shard = os.path.join(out_dir, f"rows.rank{rank}.jsonl")
-    read_rows(shard, repair=True)
-    todo = sum(1 for b in mine for d, a in settings if any(_key(d.name, a.label, i) not in done for i in b))
-    skipped = sum(1 for b in mine for d, a in settings for i in b if _key(d.name, a.label, i) in done)
-    written = 0
+    todo = sum(1 for b in mine for d, a in settings if any((d.name, a.label, i) not in done for i in b))
+    skipped = sum(1 for b in mine for d, a in settings for i in b if (d.name, a.label, i) in done)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=todo, disable=not progress or rank != 0, desc="evaluate", unit="batch")
-    with open(shard, "a") as f:
+    with store:
         for batch in mine:
             x, y = None, None
             clean = {}
             for d, a in settings:
-                missing = [i for i in batch if _key(d.name, a.label, i) not in done]
+                missing = [i for i in batch if (d.name, a.label, i) not in done]
                 if not missing:
                     continue
                 if x is None:
-                    x, y = _get(data, batch)
+                    x, y = take(data, batch)
                     x = x.to(device=device, dtype=x.dtype if x.is_floating_point() else torch.float32)
                     y = y.to(device=device, dtype=torch.int64)
                 if d.name not in clean:
                     clean[d.name] = clean_predictions(d, classifier, x, mean=mean, std=std)
                 x_adv, adv_pred = run_attack(d, a, classifier, x, y, mean=mean, std=std,
                                              seed=a.seed * 1_000_003 + batch[0])
-                pert = _perturbation(x_adv - x, a.norm).tolist()
+                pert = perturbation_size(x_adv - x, a.norm).tolist()
                 cp, ap, yl = clean[d.name].tolist(), adv_pred.tolist(), y.tolist()
                 want = set(missing)
-                for j, idx in enumerate(batch):
-                    if idx not in want:
-                        continue
-                    row = {"index": idx, "label": yl[j], "defence": d.name, "attack": a.label,
-                           "threat": a.threat, "norm": a.norm, "eps": a.eps, "steps": a.steps,
-                           "step_size": a.step_size, "restarts": a.restarts, "eot": a.eot,
-                           "clean_pred": cp[j], "adv_pred": ap[j], "clean_correct": cp[j] == yl[j],
-                           "adv_correct": ap[j] == yl[j], "robust_correct": cp[j] == yl[j] and ap[j] == yl[j],
-                           "perturbation": pert[j]}
-                    f.write(json.dumps(row, sort_keys=True) + "\n")
-                    written += 1
-                f.flush()
+                store.append({"index": idx, "label": yl[j], "defence": d.name, "attack": a.label,
+                              "threat": a.threat, "norm": a.norm, "eps": a.eps, "steps": a.steps,
+                              "step_size": a.step_size, "restarts": a.restarts, "eot": a.eot,
+                              "clean_pred": cp[j], "adv_pred": ap[j], "clean_correct": cp[j] == yl[j],
+                              "adv_correct": ap[j] == yl[j], "robust_correct": cp[j] == yl[j] and ap[j] == yl[j],
+                              "perturbation": pert[j]} for j, idx in enumerate(batch) if idx in want)
                 bar.update(1)
     bar.close()
-    counts = _per_rank([written, skipped])
+    counts = gather([store.written, skipped])
     if rank == 0:
-        rows = _merge(out_dir, settings)
+        order = {(d.name, a.label): i for i, (d, a) in enumerate(settings)}
+        rows = merge_run(out_dir, lambda r: (order.get((r["defence"], r["attack"]), len(order)), *row_key(r)))
         summary = summarise(rows, settings, indices)
         run = {"rows_written": sum(c[0] for c in counts), "rows_skipped": sum(c[1] for c in counts),
                "rows_written_per_rank": [c[0] for c in counts], "world_size": world, "batch_size": batch_size}
@@ -378,5 +245,5 @@ def evaluate(classifier: nn.Module, data, settings: Sequence[tuple[Defence, Atta
             f.write(markdown_table(summary))
         if plots:
             plot_summary(summary, out_dir)
-    _barrier()
+    barrier()
     return summarise(read_rows(os.path.join(out_dir, ROWS)), settings, indices)

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from .. import checks
-
-from .runner import _get, _len, evaluate, markdown_table, read_rows
+from .rows import data_size, read_rows, take
+from .runner import evaluate, markdown_table
 from .threats import AttackSpec, Defence, cosine_per_sample, input_gradients
 
 
@@ -113,8 +113,8 @@ def run_sanity(classifier: nn.Module, data, defence: Defence, *, out_dir: str, i
                        "agree": same, "n": len(per)})
 
     if grad_n > 0:
-        idx = (list(range(_len(data))) if indices is None else list(indices))[:grad_n]
-        x, y = _get(data, idx)
+        idx = (list(range(data_size(data))) if indices is None else list(indices))[:grad_n]
+        x, y = take(data, idx)
         dev = device if device is not None else next(iter(classifier.parameters())).device
         x, y = x.to(device=dev, dtype=torch.float32), y.to(dev)
         g_bpda = input_gradients(defence, classifier, x, y, "bpda", mean=mean, std=std)

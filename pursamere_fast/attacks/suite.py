@@ -36,9 +36,22 @@ import torch
 from torch import nn
 
 from .. import checks
-
-from .runner import (MANIFEST, ROWS, _all_rows, _barrier, _check_manifest, _device_of, _dist, _get, _indices, _key,
-                     _merge, _per_rank, _perturbation, read_rows)
+from .rows import (
+    MANIFEST,
+    ROWS,
+    RowStore,
+    barrier,
+    check_indices,
+    gather,
+    merge_run,
+    open_shard,
+    rank_world,
+    read_manifest,
+    read_rows,
+    read_run,
+    take,
+)
+from .runner import eval_device, perturbation_size, setting_descriptions
 from .stats import format_accuracy, mcnemar_exact, wilson_interval
 from .threats import AttackSpec, Defence, clean_predictions, predict, run_attack
 
@@ -147,43 +160,29 @@ def run_suite(classifier: nn.Module, data, defences: Sequence[Defence], members:
     if any(m.threat == "clean" for m in members):
         raise ValueError("members must not include a 'clean' attack: clean accuracy is always measured")
     transfer = transfer and len(defences) > 1
-    indices = _indices(data, indices)
-    device = _device_of(classifier, device)
+    indices = check_indices(data, indices)
+    device = eval_device(classifier, device)
 
-    rank, world = _dist()
-    os.makedirs(out_dir, exist_ok=True)
-    image_shape = tuple(_get(data, indices[:1])[0].shape[1:]) if indices else ()
+    rank, world = rank_world()
+    image_shape = tuple(take(data, indices[:1])[0].shape[1:]) if indices else ()
     run = {"device": device.type, "batch_size": batch_size, "suite": labels, "cascade": cascade,
            "transfer": [d.name for d in defences] if transfer else False}
-    manifest = _check_manifest(out_dir, [(d, m) for d in defences for m in members], run, image_shape, device)
-    done = {_key(r["defence"], r["attack"], r["index"]): r for r in _all_rows(out_dir)}
-    _barrier()
-    if rank == 0:
-        with open(os.path.join(out_dir, MANIFEST), "w") as f:
-            json.dump({"settings": manifest}, f, indent=1, sort_keys=True)
+    store = open_shard(out_dir, setting_descriptions([(d, m) for d in defences for m in members], run, image_shape,
+                                                     device))
+    done = store.done
 
     names = [CLEAN, *labels] + ([TRANSFER] if transfer else [])
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     mine = batches[rank::world]
-    shard = os.path.join(out_dir, f"rows.rank{rank}.jsonl")
-    read_rows(shard, repair=True)
     from tqdm.auto import tqdm
 
-    todo = [b for b in mine if any(_key(d.name, n, i) not in done for d in defences for n in names for i in b)]
+    todo = [b for b in mine if any((d.name, n, i) not in done for d in defences for n in names for i in b)]
     bar = tqdm(total=len(todo) * len(defences) * len(names), disable=not progress or rank != 0, desc="suite",
                unit="member")
-    written = 0
-    with open(shard, "a") as f:
-        def emit(rows):
-            nonlocal written
-            for r in rows:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
-                done[_key(r["defence"], r["attack"], r["index"])] = r
-            f.flush()
-            written += len(rows)
-
+    with store:
+        emit = store.append
         for batch in todo:
-            x, y = _get(data, batch)
+            x, y = take(data, batch)
             x = x.to(device=device, dtype=x.dtype if x.is_floating_point() else torch.float32)
             y = y.to(device=device, dtype=torch.int64)
             alive = {}
@@ -196,15 +195,17 @@ def run_suite(classifier: nn.Module, data, defences: Sequence[Defence], members:
                                   emit, alive[d.name], out_dir, mean, std)
                     bar.update(1)
     bar.close()
-    _per_rank([written])  # every shard is complete before rank 0 merges
+    gather([store.written])  # every shard is complete before rank 0 merges
     if rank == 0:
-        rows = _merge(out_dir, [(d, m) for d in defences for m in members])
+        order = {(d.name, m.label): i for i, (d, m) in enumerate((d, m) for d in defences for m in members)}
+        rows = merge_run(out_dir, lambda r: (order.get((r["defence"], r["attack"]), len(order)), r["defence"],
+                                             r["attack"], r["index"]))
         summary = summarise_suite(rows, [d.name for d in defences], names, indices, cascade=cascade)
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         with open(os.path.join(out_dir, "summary.md"), "w") as f:
             f.write(suite_markdown(summary))
-    _barrier()
+    barrier()
     return summarise_suite(read_rows(os.path.join(out_dir, ROWS)), [d.name for d in defences], names, indices,
                            cascade=cascade)
 
@@ -212,17 +213,17 @@ def run_suite(classifier: nn.Module, data, defences: Sequence[Defence], members:
 def _run_members(d, members, classifier, x, y, batch, done, emit, out_dir, cascade, transfer, mean, std, bar):
     """Clean row and member rows of defence d on one batch; returns the positions still not broken."""
     yl = y.tolist()
-    rows = [done.get(_key(d.name, CLEAN, i)) for i in batch]
+    rows = [done.get((d.name, CLEAN, i)) for i in batch]
     if any(r is None for r in rows):
         cp = clean_predictions(d, classifier, x, mean=mean, std=std).tolist()
         emit([_row(d.name, CLEAN, i, yl[j], cp[j], ran=False, broken=False)
               for j, i in enumerate(batch) if rows[j] is None])
-        rows = [done[_key(d.name, CLEAN, i)] for i in batch]
+        rows = [done[(d.name, CLEAN, i)] for i in batch]
     cp = [r["clean_pred"] for r in rows]
     bar.update(1)
     alive = [j for j in range(len(batch)) if cp[j] == yl[j]]
     for m in members:
-        have = [done.get(_key(d.name, m.label, i)) for i in batch]
+        have = [done.get((d.name, m.label, i)) for i in batch]
         missing = [j for j, r in enumerate(have) if r is None]
         if missing:
             standing = set(alive) if cascade else {j for j in range(len(batch)) if cp[j] == yl[j]}
@@ -236,12 +237,12 @@ def _run_members(d, members, classifier, x, y, batch, done, emit, out_dir, casca
                 cpu = (time.process_time() - t0) / len(targets)
                 if transfer:
                     _save_adv(_adv_path(out_dir, d.name, m.label, batch[0]), x_adv, [batch[j] for j in targets])
-                pert = _perturbation(x_adv - x[sel], m.norm).tolist()
+                pert = perturbation_size(x_adv - x[sel], m.norm).tolist()
                 for k, (j, p) in enumerate(zip(targets, pred.tolist())):
                     new[j] = dict(ran=True, adv_pred=p, broken=p != yl[j], cpu_s=cpu, perturbation=pert[k])
             emit([_row(d.name, m.label, batch[j], yl[j], cp[j], **new.get(j, dict(ran=False, broken=False)))
                   for j in missing])
-            have = [done[_key(d.name, m.label, i)] for i in batch]
+            have = [done[(d.name, m.label, i)] for i in batch]
         broken = {j for j, r in enumerate(have) if r["broken"]}
         alive = [j for j in alive if j not in broken]
         bar.update(1)
@@ -249,10 +250,10 @@ def _run_members(d, members, classifier, x, y, batch, done, emit, out_dir, casca
 
 
 def _run_transfer(d, others, members, classifier, x, y, batch, done, emit, alive, out_dir, mean, std):
-    if all(_key(d.name, TRANSFER, i) in done for i in batch):
+    if all((d.name, TRANSFER, i) in done for i in batch):
         return
     yl = y.tolist()
-    cp = [done[_key(d.name, CLEAN, i)]["clean_pred"] for i in batch]
+    cp = [done[(d.name, CLEAN, i)]["clean_pred"] for i in batch]
     pos = {i: j for j, i in enumerate(batch)}
     result = {}
     t0 = time.process_time()
@@ -273,7 +274,7 @@ def _run_transfer(d, others, members, classifier, x, y, batch, done, emit, alive
     cpu = (time.process_time() - t0) / max(1, len(result))
     emit([_row(d.name, TRANSFER, i, yl[j], cp[j], **({**result[j], "cpu_s": cpu} if j in result else
                                                     dict(ran=False, broken=False)))
-          for j, i in enumerate(batch) if _key(d.name, TRANSFER, i) not in done])
+          for j, i in enumerate(batch) if (d.name, TRANSFER, i) not in done])
 
 
 def summarise_suite(rows: Sequence[dict], defences: Sequence[str], members: Sequence[str], indices: Sequence[int],
@@ -420,7 +421,7 @@ def autoattack_check(classifier: nn.Module, data, defence: Defence, *, suite_dir
 
     checks.choice("norm", norm, ("linf", "l2"))
     checks.choice("threat", threat, tuple(GRAD_MODE))
-    rows = _all_rows(suite_dir)  # the merged rows, or the shards of a run still going or stopped
+    rows = read_run(suite_dir)  # the merged rows, or the shards of a run still going or stopped
     by = {}
     for r in rows:
         if r["defence"] == defence.name:
@@ -430,16 +431,17 @@ def autoattack_check(classifier: nn.Module, data, defence: Defence, *, suite_dir
     suite_robust = {i: by[i][CLEAN]["clean_correct"] and not any(r["broken"] for r in by[i].values())
                     for i in judged}
     path = os.path.join(suite_dir, f"autoattack.{_safe(defence.name)}.jsonl")
-    done = {r["index"]: r for r in read_rows(path, repair=True)}
-    device = _device_of(classifier, device)
+    store = RowStore(path, key=lambda r: r["index"])
+    done = store.done
+    device = eval_device(classifier, device)
     target = defence.model(classifier, GRAD_MODE[threat], mean=mean, std=std)
     todo = [i for i in judged if i not in done and by[i][CLEAN]["clean_correct"]]
     from tqdm.auto import tqdm
 
-    with open(path, "a") as f:
+    with store:
         for start in tqdm(range(0, len(todo), batch_size), disable=not progress, desc="autoattack"):
             batch = todo[start:start + batch_size]
-            x, y = _get(data, batch)
+            x, y = take(data, batch)
             x, y = x.to(device=device, dtype=torch.float32), y.to(device=device, dtype=torch.int64)
             aa = AutoAttack(target, attacks=["apgd-ce", "apgd-dlr"], version="custom", eps=eps,
                             norm={"linf": "Linf", "l2": "L2"}[norm], seed=seed, device=device)
@@ -448,10 +450,7 @@ def autoattack_check(classifier: nn.Module, data, defence: Defence, *, suite_dir
             with torch.random.fork_rng(devices=[]):  # pyautoattack seeds the global RNG
                 x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=len(batch))
             pred = clean_predictions(defence, classifier, x_adv, mean=mean, std=std).tolist()
-            for j, i in enumerate(batch):
-                f.write(json.dumps({"index": i, "adv_pred": pred[j], "broken": pred[j] != int(y[j])}) + "\n")
-            f.flush()
-            done.update({i: {"index": i, "broken": pred[j] != int(y[j])} for j, i in enumerate(batch)})
+            store.append({"index": i, "adv_pred": pred[j], "broken": pred[j] != int(y[j])} for j, i in enumerate(batch))
     aa_robust = {i: by[i][CLEAN]["clean_correct"] and not done.get(i, {}).get("broken", False) for i in judged
                  if i in done or not by[i][CLEAN]["clean_correct"]}
     common = sorted(aa_robust)
@@ -496,12 +495,10 @@ def summarise_dir(out_dir: str) -> dict:
     Raises:
         ValueError: when out_dir holds no suite manifest.
     """
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(out_dir, MANIFEST)):
         raise ValueError(f"out_dir {out_dir!r} has no {MANIFEST}")
-    with open(path) as f:
-        settings = json.load(f)["settings"]
-    rows = _all_rows(out_dir)
+    settings = read_manifest(out_dir)["settings"]
+    rows = read_run(out_dir)
     try:
         summary = summarise_rows(rows, settings)
     except ValueError:

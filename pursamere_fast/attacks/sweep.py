@@ -36,7 +36,7 @@ import torch
 from .. import checks
 from . import defences as registry
 from .loading import attack_specs, key_values, load_object, load_purify_config, number_or_text
-from .runner import _all_rows, _len
+from .rows import data_size, read_run
 from .stats import format_accuracy, mcnemar_exact, wilson_interval
 from .threats import Defence
 
@@ -175,7 +175,7 @@ def collect(out_dirs: Sequence[str], z: float = 1.96, complete_only: bool = True
         if os.path.exists(path):
             with open(path) as f:
                 manifest = json.load(f).get("settings", {})
-        rows = _all_rows(d)
+        rows = read_run(d)
         groups: dict[tuple[str, str], list[dict]] = {}
         for r in _complete(rows) if complete_only else rows:
             groups.setdefault((r["defence"], r["attack"]), []).append(r)
@@ -215,7 +215,7 @@ def compare(a: str, b: str, attack: str, attack_b: str | None = None, *, field: 
     """
     def pick(spec: str, label: str) -> dict[int, dict]:
         run, _, defence = spec.partition(":")
-        every = _complete(_all_rows(run)) if complete_only else _all_rows(run)
+        every = _complete(read_run(run)) if complete_only else read_run(run)
         rows = [r for r in every if r["attack"] == label and (not defence or r["defence"] == defence)]
         if len({r["defence"] for r in rows}) > 1:
             raise ValueError(f"{spec!r} holds several defences for {label!r}: name one as run_dir:defence")
@@ -342,7 +342,7 @@ def _setup(cfg: Mapping, path: str) -> dict:
     for k, label in select.items():
         if label not in labels:
             raise ValueError(f"select.{k} in {path} must be one of the attack labels {labels}, got {label!r}")
-    size = _len(data)
+    size = data_size(data)
     return {"classifier": classifier, "data": data, "size": size, "points": points, "fixed": fixed,
             "defences": defences, "costs": costs, "attacks": attacks, "select": select, "out": cfg["out"],
             "n": checks.integer("n", cfg.get("n", size), 1, size),

@@ -30,7 +30,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import checks
-
 from ..purifiers import ADPPurifier
 from .apgd import apgd
 from .pgd import NORMS, pgd

@@ -10,12 +10,31 @@ from collections.abc import Sequence
 import torch.distributed as dist
 
 from ..attacks.loading import attack_specs
-from ..attacks.runner import _dist, evaluate, markdown_table
+from ..attacks.rows import rank_world
+from ..attacks.runner import evaluate, markdown_table
 from ..attacks.sanity import run_sanity, sanity_markdown
-from ..attacks.suite import autoattack_check, autoattack_markdown, default_suite, run_suite, suite_markdown, summarise_dir
+from ..attacks.suite import (
+    autoattack_check,
+    autoattack_markdown,
+    default_suite,
+    run_suite,
+    suite_markdown,
+    summarise_dir,
+)
 from ..attacks.threats import EOT_GRAD_MODE, THREATS, AttackSpec, Defence, grid
-from .harness import (DEFENCES, base_config, build_common, build_defences, defence_entries, harness_parser,
-                      init_distributed, load_score, parse_with_config, pursamere_overrides, score_dtype)
+from .harness import (
+    DEFENCES,
+    base_config,
+    build_common,
+    build_defences,
+    defence_entries,
+    harness_parser,
+    init_distributed,
+    load_score,
+    parse_with_config,
+    pursamere_overrides,
+    score_dtype,
+)
 from .options import choice, integer, listed, option_errors, real
 
 
@@ -78,7 +97,7 @@ def main_evaluate(argv: Sequence[str] | None = None) -> int:
                                 indices=common["indices"], batch_size=args.batch_size, mean=common["mean"],
                                 std=common["std"], device=common["device"], cascade=not args.no_cascade,
                                 transfer=not args.no_transfer, progress=not args.no_progress)
-        if _dist()[0] == 0:
+        if rank_world()[0] == 0:
             sys.stdout.write(suite_markdown(summary))
             if args.autoattack or args.autoattack_only:
                 norm = members[0].norm
@@ -105,7 +124,7 @@ def main_evaluate(argv: Sequence[str] | None = None) -> int:
     summary = evaluate(common["classifier"], common["data"], grid(defences, attacks), out_dir=args.out,
                        indices=common["indices"], batch_size=args.batch_size, mean=common["mean"], std=common["std"],
                        device=common["device"], progress=not args.no_progress, plots=not args.no_plots)
-    if _dist()[0] == 0:
+    if rank_world()[0] == 0:
         sys.stdout.write(markdown_table(summary))
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

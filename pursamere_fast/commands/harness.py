@@ -24,7 +24,7 @@ from .. import checks
 from ..attacks.defences import KINDS, DefenceContext, build_defence, kind_names
 from ..attacks.loading import key_values, load_model, load_object, load_purify_config, load_toml
 from ..attacks.pgd import NORMS
-from ..attacks.runner import _get, _len
+from ..attacks.rows import data_size, take
 from ..attacks.threats import Defence
 from ..purify import BACKENDS
 from .options import ArgumentParser, choice, device, existing_file, integer, listed, option_errors, random_seed, real
@@ -134,7 +134,7 @@ def build_common(p: argparse.ArgumentParser, args, cfg) -> dict:
         data = load_object(args.data, cfg.get("data_kwargs"))
         if not hasattr(data, "__len__"):
             raise ValueError(f"data must be (images, labels) tensors or a dataset, got {type(data).__name__}")
-        size = _len(data)
+        size = data_size(data)
     if args.start >= size:
         p.error(f"argument --start: value must be < {size} (the number of samples), got {args.start}")
     n = size - args.start if args.n is None else args.n
@@ -142,7 +142,7 @@ def build_common(p: argparse.ArgumentParser, args, cfg) -> dict:
         p.error(f"argument --n: value must be <= {size - args.start} (the samples from --start {args.start} on), "
                 f"got {n}")
     with option_errors(p, "--data"):
-        channels = _get(data, [args.start])[0].shape[1]
+        channels = take(data, [args.start])[0].shape[1]
     for option, values in (("--mean", args.mean), ("--std", args.std)):
         if values is not None and len(values) not in (1, channels):
             p.error(f"argument {option}: value must have one entry or one per image channel ({channels}), "

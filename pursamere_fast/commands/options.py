@@ -15,6 +15,7 @@ import os
 from .. import checks
 from ..attacks.loading import number
 
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error, `prog: error: message`, and exit code 2.
 

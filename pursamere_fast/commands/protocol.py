@@ -26,9 +26,21 @@ from ..attacks.loading import load_object, load_toml
 from ..attacks.suite import summarise_dir
 from ..protocol.report import write_report
 from ..protocol.selection import augmentation_config, choice_markdown, select
-from ..protocol.spec import (AUGMENT, CHOICE, CHOICE_MD, CLASSIFIERS, check_held_out, data_root, dump_toml,
-                             quality_options, resolve, score_training_options, selection_rule, spec,
-                             training_options)
+from ..protocol.spec import (
+    AUGMENT,
+    CHOICE,
+    CHOICE_MD,
+    CLASSIFIERS,
+    check_held_out,
+    data_root,
+    dump_toml,
+    quality_options,
+    resolve,
+    score_training_options,
+    selection_rule,
+    spec,
+    training_options,
+)
 from .evaluate import main_evaluate
 from .options import ArgumentParser, existing_dir, existing_file, integer, option_errors
 from .options import device as device_type

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 
 from ..attacks.loading import load_toml
-from ..attacks.runner import _dist, evaluate, markdown_table, plot_summary
+from ..attacks.rows import rank_world
+from ..attacks.runner import evaluate, markdown_table, plot_summary
 from ..attacks.sweep import SweepRun, choose_config, collect, collect_markdown, compare, sweep_markdown
 from ..attacks.threats import grid
 from .harness import init_distributed
@@ -68,7 +69,7 @@ def run_command(argv: Sequence[str]) -> int:
     init_distributed(None)
     summary = evaluate(run.classifier, run.data, grid(run.defences, run.attacks), out_dir=run.out,
                        indices=range(run.n), batch_size=run.batch_size, progress=not args.no_progress)
-    if _dist()[0] != 0:
+    if rank_world()[0] != 0:
         return 0
     sel, costs = run.select, run.costs
     choice = choose_config(summary, costs, undefended="none", clean=sel["clean"], robust=sel["robust"],

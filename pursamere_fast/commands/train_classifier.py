@@ -12,14 +12,28 @@ from pathlib import Path
 import torch
 
 from ..train.checkpoint import ResumeError
-from ..train.classifier import (ARCHS, AUGMENTS, DEFAULT_LR, FIELDS_USED, OPTIMIZERS, REGULARISED_OPTIMIZERS,
-                                REGULARISER_FIELDS_USED, REGULARISERS, SCHEDULES, WRN_DEPTH, WRN_WIDEN, OptimizerConfig,
-                                RegulariserConfig, evaluate_classifier, load_purify_score, per_class_accuracy,
-                                train_classifier)
+from ..train.classifier import (
+    ARCHS,
+    AUGMENTS,
+    DEFAULT_LR,
+    FIELDS_USED,
+    OPTIMIZERS,
+    REGULARISED_OPTIMIZERS,
+    REGULARISER_FIELDS_USED,
+    REGULARISERS,
+    SCHEDULES,
+    WRN_DEPTH,
+    WRN_WIDEN,
+    OptimizerConfig,
+    RegulariserConfig,
+    evaluate_classifier,
+    load_purify_score,
+    per_class_accuracy,
+    train_classifier,
+)
 from ..train.longtail import long_tailed_subset, tail_classes
 from .options import ArgumentParser, device, existing_file, integer, option_errors, random_seed, real
 from .training import common_args, load_datasets
-
 
 # Options that only some optimisers read, and the OptimizerConfig field each sets.
 _OPTIMIZER_OPTIONS = {"--momentum": "momentum", "--rho": "rho", "--rho-head": "rho_head",

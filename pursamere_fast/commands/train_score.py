@@ -18,7 +18,6 @@ from ..train.score import evaluate_denoiser, train_score
 from .options import ArgumentParser, integer, listed, real
 from .training import common_args, load_datasets
 
-
 ARCHS = ("conv", "unet", "ncsnv2")
 # Each architecture's own options and their defaults (None: the option is not given). The
 # unet and ncsnv2 defaults are the largest members of their family within 1.5x the shipped

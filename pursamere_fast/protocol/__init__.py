@@ -56,12 +56,37 @@ case, then the higher clean accuracy, then the earlier point of the grid
 (`sweep.choose_config`).
 """
 
-from .report import (CLAIMS, accuracy_panels, comparisons, defence_order, plot_report, report, robust_maps, verdicts,
-                     write_report)
+from .report import (
+                     CLAIMS,
+                     accuracy_panels,
+                     comparisons,
+                     defence_order,
+                     plot_report,
+                     report,
+                     robust_maps,
+                     verdicts,
+                     write_report,
+)
 from .selection import augmentation_config, choice_markdown, select
-from .spec import (AUGMENT, CHOICE, CHOICE_MD, CLASSIFIERS, DATASETS, GROUPS, LEVEL, check_held_out, data_root,
-                   dump_toml, options, quality_options, resolve, score_training_options, selection_rule, spec,
-                   training_options)
+from .spec import (
+                     AUGMENT,
+                     CHOICE,
+                     CHOICE_MD,
+                     CLASSIFIERS,
+                     DATASETS,
+                     GROUPS,
+                     LEVEL,
+                     check_held_out,
+                     data_root,
+                     dump_toml,
+                     options,
+                     quality_options,
+                     resolve,
+                     score_training_options,
+                     selection_rule,
+                     spec,
+                     training_options,
+)
 
 __all__ = [
     "AUGMENT", "CHOICE", "CHOICE_MD", "CLAIMS", "CLASSIFIERS", "DATASETS", "GROUPS", "LEVEL", "accuracy_panels",

@@ -10,8 +10,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-
-from ..attacks.runner import _all_rows
+from ..attacks.rows import read_run
 from ..attacks.stats import format_accuracy, wilson_interval
 from ..attacks.suite import paired_robust, robust_per_image
 from .spec import CHOICE_MD, CLASSIFIERS, CLEAN, LEVEL, WORST
@@ -41,7 +40,7 @@ def robust_maps(out: Path) -> dict[tuple[str, str, str, str], dict[int, bool]]:
     for path in sorted(out.glob("test/*/*/summary.json")):
         clf, job = path.parent.parent.name, path.parent.name
         summary = json.loads(path.read_text())
-        rows = _all_rows(str(path.parent))
+        rows = read_run(str(path.parent))
         if "paired" in summary:  # a suite job
             for e in summary["defences"]:
                 members = [CLEAN, *(m["member"] for m in e["members"])]

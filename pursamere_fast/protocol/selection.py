@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-
 from ..attacks.defences import check_settings
 from ..attacks.stats import format_accuracy
 from ..attacks.sweep import choose_config

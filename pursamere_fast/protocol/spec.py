@@ -11,7 +11,6 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-
 from .. import checks
 from ..attacks.loading import number_or_text
 
