@@ -46,6 +46,8 @@ noise), so the memory figures above hold for them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -64,6 +66,14 @@ from .purify import (
 from .reference.purify import ere, project, sam_perturbation
 
 STRAIGHT_THROUGH = (None, "adam", "adam_proj")
+# Score pixels (rows x H x W) per chunk of this path on CUDA, where `purify` sets no bound: the
+# backward of one checkpointed step keeps the step's graph with a double backward in it. For
+# NCSNv2 (ngf 128, 32x32) that graph holds 260 MiB (linf SAM) / 313 MiB (l2 SAM) of distinct
+# saved tensors per row (`python bench/exact_cost.py --saved-per-row`, on the CPU),
+# so 64 rows keep ~20 GiB plus the backward's transients, where max_batch's 64 images x N = 8
+# (512 rows) would need over 150 GiB. An estimate until bench/gpu_check.sh's "exact_memory"
+# step measures the peak on the device (docs/gpu.md); chunk_rows= overrides it.
+CUDA_CHUNK_PIXELS = 64 * 32 * 32
 
 
 def _input_only(score):
@@ -165,6 +175,15 @@ def _loop(x_adv, score, config, noise, create_graph, checkpointed=True, straight
     return x, torch.stack(trace, dim=1)
 
 
+def auto_chunk_rows(planned, device, image_shape):
+    """Score rows per chunk of the exact path under chunk_rows="auto": `purify`'s plan
+    (`planned`), and on CUDA at most CUDA_CHUNK_PIXELS / (H x W) rows (at least one)."""
+    if torch.device(device).type != "cuda":
+        return planned
+    rows = max(1, CUDA_CHUNK_PIXELS // math.prod(image_shape[1:]))
+    return rows if planned is None else min(planned, rows)
+
+
 def purify_unrolled(x_adv: torch.Tensor, score, config=None, noise: torch.Tensor | None = None, *,
                     score_dtype=None, channels_last="auto", chunk_rows="auto",
                     straight_through=None) -> torch.Tensor:
@@ -177,7 +196,8 @@ def purify_unrolled(x_adv: torch.Tensor, score, config=None, noise: torch.Tensor
         noise: (K, N, C, H, W) fixed noise (default `make_noise(config, ...)`).
         score_dtype, channels_last, chunk_rows: as in `purify` (bf16 autocast and the
             channels_last layout hold under double backward; torch.compile does not, so
-            there is no compile_score here).
+            there is no compile_score here); chunk_rows="auto" also bounds a CUDA chunk to
+            CUDA_CHUNK_PIXELS / (H x W) rows (64 at 32x32).
         straight_through: None (the exact gradient), "adam" (Adam's normaliser held
             constant in the backward) or "adam_proj" (and the projection and clamp passed
             straight through); see the module docstring. The forward value is the same.
@@ -199,6 +219,8 @@ def purify_unrolled(x_adv: torch.Tensor, score, config=None, noise: torch.Tensor
     noise = make_noise(config, x_adv.shape[1:]) if noise is None else checks.tensor("noise", noise, shape)
     _check_score_options(score_dtype, False, x_adv.dtype)
     plan = score_plan(score, x_adv.shape[1:], x_adv.device, channels_last=channels_last, chunk_rows=chunk_rows)
+    if chunk_rows == "auto":
+        plan["chunk_rows"] = auto_chunk_rows(plan["chunk_rows"], x_adv.device, x_adv.shape[1:])
     module = graphs.module_of(score)
     if plan["channels_last"] and module is not None:
         module.to(memory_format=torch.channels_last)  # before _input_only takes its parameters

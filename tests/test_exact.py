@@ -193,9 +193,20 @@ def test_linf_sam_backward_walks_one_double_backward_per_step(norm, walks_per_st
 
 def test_gradcheck_float64_linf_sam():
     # sign(g) is locally constant (no component of g is 0), rho = 1 and steps of at most 0.05
-    # from [0.2, 0.8] bind neither the ball nor [0, 1], so the map is smooth around x: the gradient without the first gradient's graph is the true one.
+    # from [0.2, 0.8] bind neither the ball nor [0, 1], so the map is smooth around x: the
+    # gradient without the first gradient's graph is the true one.
     cfg = _cfg(norm="linf", sam_radius=0.02, rho=1.0)
     score = _score()
     noise = make_noise(cfg, (1, 4, 4), dtype=torch.float64)
     x = _x().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: purify_unrolled(t, score, cfg, noise), (x,), eps=1e-6, atol=1e-7)
+
+
+def test_auto_chunk_rows_bounds_cuda_chunks_by_pixels():
+    from pursamere_fast.exact import CUDA_CHUNK_PIXELS, auto_chunk_rows
+
+    # purify plans no bound on CUDA; the exact path's double backward needs one.
+    assert auto_chunk_rows(None, "cuda", (3, 32, 32)) == CUDA_CHUNK_PIXELS // (32 * 32) == 64
+    assert auto_chunk_rows(None, "cuda", (3, 256, 256)) == 1
+    assert auto_chunk_rows(16, "cuda:0", (3, 32, 32)) == 16
+    assert auto_chunk_rows(64, "cpu", (1, 28, 28)) == 64 and auto_chunk_rows(None, "cpu", (3, 32, 32)) is None
