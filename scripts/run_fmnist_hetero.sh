@@ -4,7 +4,7 @@
 #   python -m pursamere_fast.cli sweep run --config configs/fmnist_sweep_hetero.toml   # validation
 #   scripts/run_fmnist_hetero.sh suite       # the chosen setting under the suite (test set)
 #   scripts/run_fmnist_hetero.sh controls    # uniform t_s, uniform t_l, random mask
-# then `python results/fmnist/hetero/make_summary.py runs/fmnist/final`.
+# then `python scripts/summaries/fmnist_hetero.py runs/fmnist/final`.
 set -u
 LOG=runs/fmnist/jobs.log
 export OMP_NUM_THREADS=1

@@ -15,7 +15,7 @@
 #
 # Each finished run writes $RES/runs/<optimizer>_seed<s>.json (per-class test accuracy, wall
 # time, settings); a run whose JSON exists is skipped, and a run stopped half-way resumes from
-# its checkpoint in $OUT. Then `python results/fmnist_lt/make_summary.py` writes summary.md
+# its checkpoint in $OUT. Then `python scripts/summaries/fmnist_lt.py` writes summary.md
 # and per_class.png. Run from the repository root with the virtual environment active
 # (`. .venv/bin/activate`; the data comes from /usr/share/datasets/fashion-mnist or
 # $PURSAMERE_FASHION_MNIST, see pursamere_fast/data.py):

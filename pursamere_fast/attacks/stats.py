@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from .. import checks
 
@@ -77,3 +78,17 @@ def format_accuracy(acc: float | None, ci=None, digits: int = 1) -> str:
     if acc is None:
         return "-"
     return f"{100 * acc:.1f}" + (f" [{100 * ci[0]:.{digits}f}, {100 * ci[1]:.{digits}f}]" if ci else "")
+
+
+def paired_robust(a: Mapping[int, bool], b: Mapping[int, bool]) -> dict:
+    """Paired comparison of two {index: robust} maps on their common images (exact McNemar): the one paired test of the
+    harness (suite, sweep compare, protocol verdicts, summarise).
+
+    Returns:
+        {"n", "a", "b" (robust counts), "a_only", "b_only" (discordant pairs), "p"}.
+    """
+    common = sorted(set(a) & set(b))
+    a_only = sum(a[i] and not b[i] for i in common)
+    b_only = sum(b[i] and not a[i] for i in common)
+    return {"n": len(common), "a": sum(a[i] for i in common), "b": sum(b[i] for i in common), "a_only": a_only,
+            "b_only": b_only, "p": mcnemar_exact(a_only, b_only)}

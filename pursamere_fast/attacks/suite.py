@@ -52,7 +52,7 @@ from .rows import (
     take,
 )
 from .runner import eval_device, perturbation_size, setting_descriptions
-from .stats import format_accuracy, mcnemar_exact, wilson_interval
+from .stats import format_accuracy, paired_robust, wilson_interval
 from .threats import AttackSpec, Defence, clean_predictions, predict, run_attack
 
 CLEAN = "clean"
@@ -349,19 +349,6 @@ def robust_per_image(rows: Sequence[dict], defence: str | None = None,
     wanted = set(members) if members is not None else {m for rs in by.values() for m in rs}
     return {i: rs[CLEAN]["clean_correct"] and not any(r["broken"] for r in rs.values())
             for i, rs in by.items() if set(rs) >= wanted}
-
-
-def paired_robust(a: Mapping[int, bool], b: Mapping[int, bool]) -> dict:
-    """Paired comparison of two {index: robust} maps on their common images (exact McNemar).
-
-    Returns:
-        {"n", "a", "b" (robust counts), "a_only", "b_only" (discordant pairs), "p"}.
-    """
-    common = sorted(set(a) & set(b))
-    a_only = sum(a[i] and not b[i] for i in common)
-    b_only = sum(b[i] and not a[i] for i in common)
-    return {"n": len(common), "a": sum(a[i] for i in common), "b": sum(b[i] for i in common), "a_only": a_only,
-            "b_only": b_only, "p": mcnemar_exact(a_only, b_only)}
 
 
 def suite_markdown(summary: dict) -> str:

@@ -37,7 +37,7 @@ from .. import checks
 from . import defences as registry
 from .loading import attack_specs, key_values, load_object, load_purify_config, number_or_text
 from .rows import data_size, read_run
-from .stats import format_accuracy, mcnemar_exact, wilson_interval
+from .stats import format_accuracy, paired_robust, wilson_interval
 from .threats import Defence
 
 
@@ -230,12 +230,9 @@ def compare(a: str, b: str, attack: str, attack_b: str | None = None, *, field: 
     for i in common:
         if ra[i]["label"] != rb[i]["label"]:
             raise ValueError(f"image {i} has label {ra[i]['label']} in {a!r} but {rb[i]['label']} in {b!r}")
-    xa = [bool(ra[i][field]) for i in common]
-    xb = [bool(rb[i][field]) for i in common]
-    only_a = sum(p and not q for p, q in zip(xa, xb))
-    only_b = sum(q and not p for p, q in zip(xa, xb))
-    return {"n": len(common), "acc_a": sum(xa) / len(common), "acc_b": sum(xb) / len(common),
-            "only_a": only_a, "only_b": only_b, "p_value": mcnemar_exact(only_a, only_b)}
+    pair = paired_robust({i: bool(ra[i][field]) for i in common}, {i: bool(rb[i][field]) for i in common})
+    return {"n": pair["n"], "acc_a": pair["a"] / pair["n"], "acc_b": pair["b"] / pair["n"],
+            "only_a": pair["a_only"], "only_b": pair["b_only"], "p_value": pair["p"]}
 
 
 def _points(cfg: Mapping) -> list[dict]:

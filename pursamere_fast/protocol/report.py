@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..attacks.rows import read_run
-from ..attacks.stats import format_accuracy, wilson_interval
-from ..attacks.suite import paired_robust, robust_per_image
+from ..attacks.stats import format_accuracy, paired_robust, wilson_interval
+from ..attacks.suite import robust_per_image
 from .spec import CHOICE_MD, CLASSIFIERS, CLEAN, LEVEL, WORST
 
 

@@ -1,7 +1,7 @@
-"""Summarise the SAM-variant suite run (configs/run_fmnist.sh suite_sam) into summary.md, paired
+"""Summarise the SAM-variant suite run (scripts/run_fmnist.sh suite_sam) into summary.md, paired
 with the shipped SAM-off config's suite rows (../suite) on the images both finished.
 
-    python results/fmnist/suite_sam/make_summary.py [runs/fmnist/final/suite_sam]
+    python scripts/summaries/fmnist_suite_sam.py [runs/fmnist/final/suite_sam]
 
 With a run directory, its manifest and rows (rank shards merged) are first copied here. The run
 stops at its time budget: n counts the images every member finished. The pairing counts the
@@ -14,10 +14,10 @@ import os
 import shutil
 import sys
 
-from pursamere_fast.attacks.runner import _all_rows
+from pursamere_fast.attacks.rows import read_run
 from pursamere_fast.attacks.suite import paired_robust, robust_per_image, summarise_rows, suite_markdown
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "results", "fmnist", "suite_sam")
 
 
 def _rows(path):
@@ -29,7 +29,7 @@ def main():
     if len(sys.argv) > 1:
         shutil.copy(os.path.join(sys.argv[1], "manifest.json"), HERE)
         with gzip.open(os.path.join(HERE, "rows.jsonl.gz"), "wt") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in _all_rows(sys.argv[1]))
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in read_run(sys.argv[1]))
     sam = _rows(os.path.join(HERE, "rows.jsonl.gz"))
     with open(os.path.join(HERE, "manifest.json")) as f:
         summary = summarise_rows(sam, json.load(f)["settings"])

@@ -1,6 +1,6 @@
-"""Summarise the Fashion-MNIST-LT benchmark (configs/run_fmnist_lt.sh) from its per-run JSON.
+"""Summarise the Fashion-MNIST-LT benchmark (scripts/run_fmnist_lt.sh) from its per-run JSON.
 
-    python results/fmnist_lt/make_summary.py [results/fmnist_lt]
+    python scripts/summaries/fmnist_lt.py [results/fmnist_lt]
 
 Reads <dir>/runs/*.json and writes <dir>/summary.md (accuracy overall and on the Many / Medium
 / Few classes, mean ± sample std over the seeds; each run; the paper's claims checked) and
@@ -122,8 +122,8 @@ def main(directory: Path) -> None:
     lines = [
         "# Fashion-MNIST-LT (imbalance ratio 100): SGD, SAM, ImbSAM, SSE-SAM",
         "",
-        ("Made by `results/fmnist_lt/make_summary.py` from `runs/*.json` (written by "
-         "`configs/run_fmnist_lt.sh`); test accuracy in %, mean ± sample std over the seeds."),
+        ("Made by `scripts/summaries/fmnist_lt.py` from `runs/*.json` (written by "
+         "`scripts/run_fmnist_lt.sh`); test accuracy in %, mean ± sample std over the seeds."),
         "",
         (f"- Training set: the long-tailed subset, images per class {counts} ({sum(counts)} in all); test set: "
          f"all {sum(first['test_class_counts'])} test images ({first['test_class_counts'][0]} per class)."),
@@ -185,4 +185,4 @@ def main(directory: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent)
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[2] / "results" / "fmnist_lt")

@@ -1,6 +1,6 @@
-"""Summarise the LFR study (configs/run_fmnist_lfr.sh) into summary.md, summary.json and robust.png.
+"""Summarise the LFR study (scripts/run_fmnist_lfr.sh) into summary.md, summary.json and robust.png.
 
-    python results/fmnist_lfr/make_summary.py [runs/fmnist_lfr]
+    python scripts/summaries/fmnist_lfr.py [runs/fmnist_lfr]
 
 With a run directory, each finished suite's rows and manifest are first copied here
 (eval/<run>_<eps>/rows.jsonl.gz, purified_lfr/), then everything is computed from the copies:
@@ -18,11 +18,11 @@ import os
 import shutil
 import sys
 
-from pursamere_fast.attacks.runner import _all_rows
+from pursamere_fast.attacks.rows import read_run
 from pursamere_fast.attacks.stats import wilson_interval
 from pursamere_fast.attacks.suite import CLEAN, paired_robust, robust_per_image, summarise_rows
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "results", "fmnist_lfr")
 RUNS = ("standard", "gradpen", "pgdat", "lfr")
 LABELS = {"standard": "standard", "gradpen": "clean-point gradient penalty", "pgdat": "PGD-AT", "lfr": "LFR"}
 BUDGETS = {"eps0.1": "0.1", "eps8": "8/255"}
@@ -38,7 +38,7 @@ def _copy(run_dir, dest):
     os.makedirs(dest, exist_ok=True)
     shutil.copy(os.path.join(run_dir, "manifest.json"), dest)
     with gzip.open(os.path.join(dest, "rows.jsonl.gz"), "wt") as f:
-        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in _all_rows(run_dir))
+        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in read_run(run_dir))
 
 
 def collect(out):
@@ -74,7 +74,7 @@ def main():
             with open(path) as f:
                 train[name] = json.load(f)
     lines = ["# LFR on Fashion-MNIST: standard training, clean-point gradient penalty, PGD-AT and LFR", "",
-             "Setup: configs/run_fmnist_lfr.sh (SmallCNN width 8 with softplus, Adam 1e-3, batch 128, 2 epochs, "
+             "Setup: scripts/run_fmnist_lfr.sh (SmallCNN width 8 with softplus, Adam 1e-3, batch 128, 2 epochs, "
              "seed 0; inner maximisation linf 0.1, 5 steps of 0.025; lambda 0.02). Attacks: the cascaded suite "
              "PGD-CE-100 (step eps/4), APGD-CE-100, APGD-DLR-100, then Square-1000 on what survived; the first n "
              "images of the shipped 1,000-image test subset. Robust accuracy is the worst case over the suite, an "

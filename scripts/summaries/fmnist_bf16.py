@@ -1,6 +1,6 @@
 """Paired fp32 vs bf16 table for the shipped config (issue 11): fp32 rows from results/fmnist (run nosam_main),
-bf16 rows from runs/fmnist/final/bf16_* (configs/run_fmnist.sh bf16_clean bf16_bpda); writes results/fmnist/bf16/{rows.jsonl.gz,summary.md}.
-Run from the repository root: python results/fmnist/bf16/make_summary.py"""
+bf16 rows from runs/fmnist/final/bf16_* (scripts/run_fmnist.sh bf16_clean bf16_bpda); writes results/fmnist/bf16/{rows.jsonl.gz,summary.md}.
+Run from the repository root: python scripts/summaries/fmnist_bf16.py"""
 import glob, gzip, json
 from pursamere_fast.attacks.stats import mcnemar_exact, wilson_interval
 

@@ -1,6 +1,6 @@
 """Summarise the heterogeneous-noise purifier's Fashion-MNIST runs into summary.md and summary.json.
 
-    python results/fmnist/hetero/make_summary.py [runs/fmnist/final]
+    python scripts/summaries/fmnist_hetero.py [runs/fmnist/final]
 
 With a run directory, the rows and manifests of its hetero/ and hetero_controls/ runs are first
 copied here (gzipped); everything is then computed from the copies:
@@ -18,11 +18,11 @@ import os
 import shutil
 import sys
 
-from pursamere_fast.attacks.runner import _all_rows
+from pursamere_fast.attacks.rows import read_run
 from pursamere_fast.attacks.stats import wilson_interval
 from pursamere_fast.attacks.suite import CLEAN, paired_robust, robust_per_image, summarise_rows, suite_markdown
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "results", "fmnist", "hetero")
 SUITE = os.path.join(HERE, "..", "suite")
 RUNS = ("hetero", "hetero_controls")
 
@@ -39,7 +39,7 @@ def collect(final):
             continue
         shutil.copy(os.path.join(src, "manifest.json"), os.path.join(HERE, f"{run}_manifest.json"))
         with gzip.open(os.path.join(HERE, f"{run}_rows.jsonl.gz"), "wt") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in _all_rows(src))
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in read_run(src))
 
 
 def _summarise(run):
