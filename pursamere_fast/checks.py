@@ -133,6 +133,8 @@ def images(name: str, x, *, allow_empty: bool = False) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         hint = "; convert a NumPy array with torch.from_numpy(x)" if hasattr(x, "__array__") else ""
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}{hint}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} must hold data, got a tensor on the meta device (shape {tuple(x.shape)})")
     if x.dim() != 4:
         raise ValueError(f"{name} must have shape (B, C, H, W), got ndim={x.dim()}, shape {tuple(x.shape)}"
                          f"{_NDIM_HINTS.get(x.dim(), '')}")

@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .scores.boundary import model_dtype
+
 __all__ = ["CAPTURE_MODE", "ScoreOptions", "prepare_score", "wrap_score", "run_graphed", "clear_graph_cache",
            "module_of"]
 
@@ -125,6 +127,7 @@ class _PreparedScore:
     def __init__(self, score, options: ScoreOptions):
         self.options = options
         self._call = score
+        self._module = module_of(score)
         if options.compile and isinstance(score, nn.Module):
             # AOTAutograd's compiled backward computes the gradient of every input that
             # requires one; detached parameters leave only y's, the one the loop asks for.
@@ -144,7 +147,13 @@ class _PreparedScore:
         if self.options.channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
         if self.options.dtype is None:
-            return self._call(y, sigma)
+            # The score-call boundary's rule, which cannot see the module through this wrapper:
+            # a module runs in its parameters' dtype, its output comes back in y's.
+            dtype = model_dtype(self._module)
+            if dtype is None or dtype == y.dtype:
+                return self._call(y, sigma)
+            out = self._call(y.to(dtype), sigma.to(dtype))
+            return out.to(y.dtype) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
         # cache_enabled=False: cached weight casts made during capture would be freed when the
         # autocast region exits and then read by every replay.
         with torch.autocast(y.device.type, dtype=self.options.dtype, cache_enabled=False):

@@ -85,6 +85,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import checks
 from ..purifier import GRAD_MODES, check_output_finite, purifier_forward, score_call
 from ..scores.adapters import NoisePredictor, VPNoisePredictor, VPScore, vp_alpha_bar
+from ..scores.boundary import model_dtype
 
 __all__ = ["HeteroPurifier", "HeteroNoise", "SALIENCY_STAGES", "MASKS", "saliency_map", "saliency_mask",
            "ddim_step", "vp_alpha_bar"]
@@ -211,8 +212,11 @@ def saliency_map(classifier: nn.Module, x: torch.Tensor, *, stages: Sequence[str
     try:
         for name in names:
             handles.append(modules[name].register_forward_hook(keep(name)))
+        # The classifier sees the images in its parameters' dtype (float64 images, float32
+        # classifier); the maps come back in x's dtype below.
+        dtype = model_dtype(classifier) or x.dtype
         with torch.no_grad(), checks.model_errors("classifier", x):
-            classifier(x.detach())
+            classifier(x.detach().to(dtype))
     finally:
         for handle in handles:
             handle.remove()
