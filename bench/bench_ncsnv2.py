@@ -207,14 +207,22 @@ def median_time(run, rounds: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def network_inputs(x: torch.Tensor, cfg: PurifyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bare network's (y, sigma) on the B*N batch, laid out as the loop's: y contiguous and
+    sigma one value expanded over the rows (stride 0), as `purify._FusedLoop` passes it. A
+    contiguous sigma would make torch.compile(dynamic=False) guard-fail and compile NCSNv2 a
+    second time inside the measurement."""
+    base = x.repeat_interleave(cfg.n_samples, 0)
+    y = base + 0.1 * torch.randn_like(base)
+    return y, torch.full((), 0.1, device=x.device, dtype=x.dtype).expand(y.shape[0])
+
+
 def time_network_pass(score, variant: Variant, x: torch.Tensor, cfg: PurifyConfig, passes: int, reps: int) -> float:
     """Median seconds of one bare forward + input-backward pass on the B*N batch, run the way
     `variant` runs the loop's score: same prepared wrapper, a captured graph for graph variants."""
     device = x.device
     fn = graphs.prepare_score(score, variant.options)
-    base = x.repeat_interleave(cfg.n_samples, 0)
-    y = base + 0.1 * torch.randn_like(base)
-    sigma = torch.full((y.shape[0],), 0.1, device=device)
+    y, sigma = network_inputs(x, cfg)
     upstream = torch.randn_like(y)
 
     def one_pass():
@@ -323,6 +331,23 @@ def test_flop_count_matches_spec():
     fwd, bwd = flops_per_image_sample(128)
     assert abs(fwd / 1e9 - SPEC_GFLOP_FWD) <= 0.05 * SPEC_GFLOP_FWD, fwd
     assert abs(bwd / 1e9 - SPEC_GFLOP_BWD) <= 0.05 * SPEC_GFLOP_BWD, bwd
+
+
+def test_network_pass_lays_out_its_inputs_as_the_loop_does():
+    # Same shapes, strides and dtypes as the loop's score calls: a compiled score then serves
+    # both without a second compilation.
+    cfg = SMALL.config().with_overrides(max_batch=2)
+    x = make_images(2, SMALL, torch.device("cpu"))
+    seen = []
+
+    def score(y, sigma):
+        seen.append((y.shape, y.stride(), y.dtype, sigma.shape, sigma.stride(), sigma.dtype))
+        return -y / sigma.view(-1, 1, 1, 1)
+
+    purify(x, score, cfg, backend="torch", cuda_graph=False)
+    y, sigma = network_inputs(x, cfg)
+    score(y.requires_grad_(True), sigma)
+    assert len(set(seen)) == 1, seen
 
 
 def test_peak_table_prefers_the_specific_name():

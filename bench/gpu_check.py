@@ -5,11 +5,19 @@
 
 In order, writing <out-dir>/<gpu>.json (record.gpu_slug) after every step, so that a run
 killed at any point keeps every figure it finished ("current" names the step it was in):
-1. the GPU tests (pytest tests/test_gpu.py, killed after --tests-timeout-s, default 150):
-   counts and failure names (those finished before a timeout too), the log in
-   <out-dir>/tests.log; a failure does not stop what follows;
-2. the measured matmul and copy ceilings (record.ceilings, CUDA only, a few seconds);
-3. NCSNv2 CIFAR-10 (ngf 128, random weights, N = 8, K = 100, SAM on; bench_ncsnv2.measure)
+1. the GPU tests (pytest on FULL_TESTS: the per-op kernel tests, whose CUDA cases run the
+   compiled kernels at real sizes, the ahead-of-time compile check under the device's Triton,
+   and tests/test_gpu.py; killed after --tests-timeout-s, default 210): counts and failure
+   names (those finished before a timeout too), the log in <out-dir>/tests.log; a failure
+   does not stop what follows;
+2. determinism (`determinism`): NCSNv2 (random weights) forward + input gradient, and an
+   eager purify, each run twice and compared bit for bit, with cuDNN deterministic and with
+   the defaults, and the ops torch.use_deterministic_algorithms names as nondeterministic;
+3. the exact-gradient path's peak memory (`exact_memory`): purify_unrolled forward + input
+   gradient of NCSNv2 at B = 1 (N rows), one step, linf and l2 SAM, per score row, against
+   the rows `exact.auto_chunk_rows` gives a CUDA chunk;
+4. the measured matmul and copy ceilings (record.ceilings, CUDA only, a few seconds);
+5. NCSNv2 CIFAR-10 (ngf 128, random weights, N = 8, K = 100, SAM on; bench_ncsnv2.measure)
    in the order of `plan`: the core variants at B = 16, the reference and triton+graphs at
    B = 1 with K = 20 (the ">= 5x the reference at B = 1" target), the core variants at B = 64;
    then, if time is left, channels_last (B = 16, 64), the whole loop as one graph (B = 1 with
@@ -23,7 +31,8 @@ remaining core measurements are not predicted to need.
 
 --tiny runs the same plan on the CPU at bench_ncsnv2.SMALL (ngf 8, 8x8, N = 2, K = 2) with
 B = 1 and 2 standing in for 16 and 64, and one CPU test of tests/test_gpu.py; CUDA-only
-variants are skipped with the reason.
+variants are skipped with the reason, and steps 2 and 3 run at that size (no peak memory on
+a CPU).
 """
 
 from __future__ import annotations
@@ -40,22 +49,32 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-import torch  # noqa: E402
-
 import bench_ncsnv2 as bn  # noqa: E402  (sets TRITON_INTERPRET on CPU-only machines first)
 import record  # noqa: E402
+import torch  # noqa: E402
+from pursamere_fast.kernels import use_triton  # noqa: E402
+
+from pursamere_fast import exact, purify  # noqa: E402
 
 CEILINGS_S = 30  # record.ceilings: 3 x 13 products of 8192^3 and 13 copies of 1 GiB, with slack
-# Inductor's build of NCSNv2 forward + input-backward: a guess (never measured on a GPU here).
+# Steps 2 and 3 (determinism, exact memory): a few NCSNv2 passes at B <= 2 each, with slack.
+PROBES_S = 30
+# Inductor's build of NCSNv2 forward + input-backward, once per compile measurement: purify's
+# first call compiles for the B*N batch and the bare-network bound reuses that build (same
+# shapes, strides and dtypes: bench_ncsnv2.network_inputs). A guess (never measured on a GPU).
 COMPILE_S = 150
 CORE = ("torch", "triton", "triton+graphs", "triton+graphs+bf16")
-FULL_TESTS = "tests/test_gpu.py"
+# Per-op kernel tests first (short, and the kernels under everything else), then the compile
+# check under the device's Triton (which also checks float64 constants), then the graphs.
+FULL_TESTS = ("tests/test_ere_residual.py tests/test_mc_reduce_sam.py tests/test_adam_project.py "
+              "tests/test_kernel_compile.py tests/test_gpu.py")
 TINY_TESTS = "tests/test_gpu.py -k test_single_step_loop_uses_the_padded_noise_row"
 
 
@@ -114,6 +133,83 @@ def predicted_cost_s(entry: Entry, t_purify: float) -> float:
     variant = bn.VARIANTS[entry.variant]
     first = t_purify if variant.cuda_graph or variant.compile_score else 0.0
     return first + t_purify + network_s(entry, t_purify) + (COMPILE_S if variant.compile_score else 0.0)
+
+
+def determinism(device: torch.device, size: bn.Size, batch: int = 2) -> dict:
+    """Whether two eager runs give the same bits: NCSNv2's forward and input gradient on a B*N
+    batch, and an eager purify (K = 2), with cuDNN deterministic and with the defaults; and the
+    ops `torch.use_deterministic_algorithms(True, warn_only=True)` warns about in that pass
+    (on CUDA: the backward of bilinear interpolation and of max_pool2d accumulate with atomics)."""
+    cfg = size.config().with_overrides(sigmas=size.config().sigmas[:1], steps_per_sigma=2, max_batch=batch)
+    score, x = bn.make_score(size, device), bn.make_images(batch, size, device)
+    y, sigma = bn.network_inputs(x, cfg)
+    upstream = torch.randn_like(y)
+    backend = "triton" if use_triton(device) else "torch"
+
+    def network():
+        yl = y.detach().requires_grad_(True)
+        s = score(yl, sigma)
+        (g,) = torch.autograd.grad(s, yl, upstream)
+        return s.detach(), g
+
+    def pair(fn):
+        a, b = fn(), fn()
+        return torch.equal(a, b), (a - b).abs().max().item()
+
+    out = {}
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    try:
+        for name, det in (("cudnn_deterministic", True), ("defaults", False)):
+            torch.backends.cudnn.deterministic = det
+            torch.backends.cudnn.benchmark = False if det else saved[1]
+            fwd, fwd_diff = pair(lambda: network()[0])
+            grad, grad_diff = pair(lambda: network()[1])
+            pur, pur_diff = pair(lambda: purify(x, score, cfg, backend=backend, cuda_graph=False))
+            out[name] = dict(forward_bitwise=fwd, forward_max_abs_diff=fwd_diff, input_grad_bitwise=grad,
+                             input_grad_max_abs_diff=grad_diff, purify_bitwise=pur, purify_max_abs_diff=pur_diff)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            network()
+        finally:
+            torch.use_deterministic_algorithms(False)
+    out["nondeterministic_ops"] = sorted({str(w.message).split(" does not have")[0][:120] for w in caught
+                                          if "deterministic" in str(w.message)})
+    out.update(batch=batch, n_samples=cfg.n_samples, steps=cfg.num_steps, backend=backend)
+    return out
+
+
+def exact_memory(device: torch.device, size: bn.Size, batch: int = 1) -> dict:
+    """Peak memory of the exact-gradient path (`exact.purify_unrolled` forward + input gradient,
+    one step) at B = `batch` (B*N score rows), per row, for linf and l2 SAM; on CUDA only (the
+    CPU runs it at the tiny size to keep this code working, without a peak)."""
+    cfg = size.config().with_overrides(sigmas=size.config().sigmas[:1], steps_per_sigma=1, max_batch=batch)
+    rows = batch * cfg.n_samples
+    out = dict(batch=batch, rows=rows, steps=1, chunk_rows_auto=exact.auto_chunk_rows(None, device, size.image_shape))
+    for norm, rho in (("linf", 8 / 255), ("l2", 0.5)):
+        score, x = bn.make_score(size, device), bn.make_images(batch, size, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        xr = x.clone().requires_grad_(True)
+        t0 = time.perf_counter()
+        pur = exact.purify_unrolled(xr, score, cfg.with_overrides(norm=norm, rho=rho))
+        torch.autograd.grad(pur.sum(), xr)
+        bn.sync(device)
+        row = dict(wall_s=round(time.perf_counter() - t0, 3), peak_gib=None, per_row_gib=None)
+        if device.type == "cuda":
+            peak = (torch.cuda.max_memory_allocated(device) - before) / 2**30
+            total = torch.cuda.get_device_properties(device).total_memory / 2**30
+            row.update(peak_gib=peak, per_row_gib=peak / rows, rows_in_80pct_of_memory=int(0.8 * total * rows / peak),
+                       predicted_gib_at_chunk_rows_auto=peak / rows * out["chunk_rows_auto"])
+        out[norm] = row
+        del score, x, xr, pur
+    return out
 
 
 def parse_pytest(output: str) -> dict:
@@ -207,6 +303,8 @@ class Check:
     def run(self, tests: str, tests_timeout_s: float) -> Path:
         self.write()
         self.step_tests(tests, tests_timeout_s)
+        self.step_probe("determinism", determinism)
+        self.step_probe("exact_memory", exact_memory)
         self.step_ceilings()
         for i, entry in enumerate(self.entries):
             self.step_measure(entry, self.entries[i + 1:])
@@ -225,6 +323,23 @@ class Check:
         print("gpu tests: " + (f"skipped: {result['skipped']}" if "skipped" in result else
                                f"{result['summary'] or result['counts']}, timed out: {result['timed_out']}, "
                                f"failures: {result['failures']}"), flush=True)
+        self.write()
+
+    def step_probe(self, key: str, probe) -> None:
+        """A short measurement `probe(device, size)` -> dict stored under `key`; its failure is
+        recorded there and does not stop the run."""
+        if self.left() < (5 if self.tiny else PROBES_S):
+            self.doc[key] = dict(skipped="deadline")
+        else:
+            self.doc["current"] = key
+            self.write()
+            try:
+                self.doc[key] = probe(self.device, self.entries[0].size)
+            except Exception as exc:
+                self.doc[key] = dict(error=repr(exc)[:500], traceback=traceback.format_exc()[-2000:])
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(f"{key}: {self.doc[key]}", flush=True)
         self.write()
 
     def step_ceilings(self) -> None:
@@ -302,7 +417,7 @@ def main(argv=None) -> Path:
                         help="Unix time by which everything must have ended (default: 540 s from now)")
     parser.add_argument("--tests", help=f"pytest arguments of the GPU tests (default '{FULL_TESTS}'; "
                                         f"--tiny: '{TINY_TESTS}')")
-    parser.add_argument("--tests-timeout-s", type=float, default=150)
+    parser.add_argument("--tests-timeout-s", type=float, default=210)
     parser.add_argument("--install-note", help="how gpu_check.sh installed the package, for the JSON")
     args = parser.parse_args(argv)
     path = Check(args).run(args.tests or (TINY_TESTS if args.tiny else FULL_TESTS), args.tests_timeout_s)

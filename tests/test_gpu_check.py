@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -74,6 +75,13 @@ def test_tiny_mode_writes_every_figure_and_records_test_outcomes(tmp_path):
         assert row["rounds"] == len(row["t_purify_each_s"]) >= 1
         assert (row["peak_memory_gib"] > 0) if CUDA else (row["mfu"] is None and row["peak_memory_gib"] is None)
     assert set(doc["targets"]) and doc["ceilings"] == {"skipped": "measured at full size on CUDA only"}
+    # The probes ran at the tiny size: on the CPU two runs agree bit for bit; no peak memory there.
+    for setting in ("cudnn_deterministic", "defaults"):
+        det = doc["determinism"][setting]
+        assert det["forward_bitwise"] and det["input_grad_bitwise"] and det["purify_bitwise"], det
+    for norm in ("linf", "l2"):
+        assert doc["exact_memory"][norm]["wall_s"] > 0
+        assert (doc["exact_memory"][norm]["per_row_gib"] > 0) if CUDA else doc["exact_memory"][norm]["peak_gib"] is None
 
 
 def test_passed_deadline_still_writes_json_with_everything_skipped(tmp_path):
@@ -84,7 +92,34 @@ def test_passed_deadline_still_writes_json_with_everything_skipped(tmp_path):
     (path,) = tmp_path.glob("*.json")
     doc = json.loads(path.read_text())
     assert doc["gpu_tests"] == {"skipped": "deadline"} and doc["results"] == [] and doc["current"] == "done"
+    assert doc["determinism"] == doc["exact_memory"] == {"skipped": "deadline"}
     assert _entries(doc) == sorted(PLANNED)
     for s in doc["skipped"]:
         assert s["reason"].startswith("deadline") or s["variant"] in CUDA_ONLY, s
     assert not (tmp_path / "tests.log").exists()
+
+
+def test_failed_install_still_writes_a_result(tmp_path):
+    # A stand-in interpreter with no torch, on which every pip install fails (the one from the
+    # index hangs past its cap) and the driver cannot start: the script tries offline, offline
+    # --no-deps, then the index for GPU_CHECK_NETWORK_S, and still leaves a JSON with the logs.
+    calls = tmp_path / "calls.log"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n'
+                    'if [[ "$1 $2" == "-m pip" && "$*" != *--no-index* ]]; then sleep 30; fi\nexit 1\n')
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**_env(out), "PYTHON": str(stub), "GPU_CHECK_NETWORK_S": "2", "GPU_CHECK_BUDGET_S": "60"}
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert time.monotonic() - t0 < 25, "the index try was not cut at GPU_CHECK_NETWORK_S"
+    assert proc.returncode != 0
+    pips = [line for line in calls.read_text().splitlines() if line.startswith("-m pip install")]
+    assert len(pips) == 3, pips
+    assert "--no-index" in pips[0] and "--no-deps" not in pips[0] and pips[0].endswith("-e .[test]")
+    assert "--no-index" in pips[1] and "--no-deps" in pips[1] and pips[1].endswith("-e .")
+    assert "--no-index" not in pips[2] and "--retries 0" in pips[2]
+    doc = json.loads((out / "gpu_check-failed.json").read_text())
+    assert "FAILED" in doc["install"] and doc["gpu_check_exit"] != "0" and doc["install_log_tail"] is not None
