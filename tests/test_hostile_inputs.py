@@ -56,6 +56,7 @@ CONFIG_CASES = [
     ("steps_per_sigma 1.5", dict(steps_per_sigma=1.5), "steps_per_sigma"),
     ("max_batch 0", dict(max_batch=0), "max_batch"),
     ("rho Inf", dict(rho=float("inf")), "rho"),
+    ("rho 16 with norm linf (a missing /255)", dict(rho=16.0), "rho"),
     ("rho a string", dict(rho="0.1"), "rho"),
     ("sam_radius negative", dict(sam_radius=-0.01), "sam_radius"),
     ("norm ['linf']", dict(norm=["linf"]), "norm"),

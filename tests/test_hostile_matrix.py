@@ -417,3 +417,17 @@ def test_nan_position_does_not_matter_and_is_named():
         with pytest.raises(ValueError, match=re.escape(f"the first at index {index}")):
             ADPPurifier(gaussian)(with_value(good(), index, math.nan))
     assert np.isnan(with_value(good(), (1, 0, 7, 7), math.nan).numpy()).sum() == 1
+
+
+def test_torchattacks_set_normalization_used_names_purified_classifier():
+    """torchattacks normalises before calling the model: the purifier then sees normalised images,
+    and the message says to normalise inside the PurifiedClassifier instead."""
+    torchattacks = pytest.importorskip("torchattacks", reason="install with `pip install --no-deps torchattacks`")
+    model = PurifiedClassifier(Purifier(score_net(), CFG, grad_mode="bpda"), classifier_net())
+    attack = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=1)
+    attack.set_normalization_used(mean=[0.2860], std=[0.3530])
+    with pytest.raises(ValueError, match=r"PurifiedClassifier\(purifier, classifier, mean=.*set_normalization_used"):
+        attack(good(), torch.tensor([0, 1]))
+    fixed = torchattacks.PGD(PurifiedClassifier(Purifier(score_net(), CFG, grad_mode="bpda"), classifier_net(),
+                                                mean=[0.2860], std=[0.3530]), eps=8 / 255, alpha=2 / 255, steps=1)
+    assert_purified(fixed(good(), torch.tensor([0, 1])), good())
