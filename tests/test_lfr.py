@@ -23,7 +23,7 @@ from pursamere_fast.train import (
     pgd_examples,
     train_classifier,
 )
-from pursamere_fast.train.checkpoint import _generator
+from pursamere_fast.train.checkpoint import step_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 f64 = torch.float64
@@ -333,11 +333,11 @@ def reference_run(reg, epochs, opt):
                  else torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9))
     model.train()
     for epoch in range(epochs):
-        perm = torch.randperm(len(y), generator=_generator(SEED, epoch))
+        perm = torch.randperm(len(y), generator=step_generator(SEED, epoch))
         for b in range(3):
             step = 3 * epoch + b
             xb, yb = x[perm[8 * b:8 * b + 8]], y[perm[8 * b:8 * b + 8]]
-            g = _generator(SEED, step, 1)
+            g = step_generator(SEED, step, 1)
             if reg == "pgd-at":
                 loss = F.cross_entropy(model(pgd_examples(model, xb, yb, eps=cfg.eps, alpha=cfg.alpha,
                                                           steps=cfg.steps, generator=g)), yb)

@@ -26,7 +26,7 @@ from pursamere_fast.train import (
     train_classifier,
 )
 from pursamere_fast.train import classifier as classifier_module
-from pursamere_fast.train.checkpoint import _generator
+from pursamere_fast.train.checkpoint import step_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,7 +168,7 @@ def reference_run(name, epochs, batch_size=14, seed=2):
     steps = math.ceil(len(y) / batch_size)
     model.train()
     for epoch in range(epochs):
-        perm = torch.randperm(len(y), generator=_generator(seed, epoch))
+        perm = torch.randperm(len(y), generator=step_generator(seed, epoch))
         for b in range(steps):
             idx = perm[b * batch_size:(b + 1) * batch_size]
             xb, yb = x[idx], y[idx]
@@ -244,7 +244,7 @@ def test_same_seed_same_weights(tmp_path):
 
 def test_logged_loss_is_the_mean_cross_entropy_at_w(tmp_path):
     x, y = lt_blobs()
-    idx = torch.randperm(len(y), generator=_generator(2, 0))[:14]  # the first batch (seed 2, epoch 0)
+    idx = torch.randperm(len(y), generator=step_generator(2, 0))[:14]  # the first batch (seed 2, epoch 0)
     want = F.cross_entropy(clf_net()(x[idx]), y[idx]).item()
     for name in ("sgd", "sam", "imbsam", "ssesam"):
         assert run(tmp_path / name, 1, name).losses[0][1] == pytest.approx(want, rel=1e-6), name
@@ -309,7 +309,7 @@ def test_resume_restores_the_optimizer_state(tmp_path, name, monkeypatch):
     # The state matters: a resume that drops it ends elsewhere.
     with pytest.raises(Killed):
         run(tmp_path / "c", 2, name, model=KillAfter(clf_net(), forwards))
-    monkeypatch.setattr(classifier_module, "_load_optim", lambda opt, tensors: None)
+    monkeypatch.setattr(classifier_module, "load_optimizer", lambda opt, tensors: None)
     forgetful = run(tmp_path / "c", 2, name, model=KillAfter(clf_net(seed=7), -1))
     assert not state_equal(straight.model, forgetful.model.model)
 

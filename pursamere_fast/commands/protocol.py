@@ -325,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: `run` (scripts/run_<name>.sh), `config`, `select` or `report` (module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"run": _run_cmd, "config": _config_cmd, "select": _select_cmd, "report": _report_cmd}
+    if argv and argv[0] in ("-h", "--help"):
+        sys.stdout.write("usage: pursamere-fast protocol {run,config,select,report} [options]\n")
+        return 0
     if not argv or argv[0] not in commands:
         sys.stderr.write("usage: pursamere-fast protocol {run,config,select,report} [options]\n")
         return 2

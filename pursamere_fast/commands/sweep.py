@@ -113,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     `compare` (paired test of two defences)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"run": run_command, "collect": collect_command, "compare": compare_command}
+    if argv and argv[0] in ("-h", "--help"):
+        sys.stdout.write("usage: pursamere-fast sweep {run,collect,compare} [options]\n")
+        return 0
     if not argv or argv[0] not in commands:
         sys.stderr.write("usage: pursamere-fast sweep {run,collect,compare} [options]\n")
         return 2

@@ -61,18 +61,18 @@ class ResumeError(ValueError):
     hyperparameters, another model, a step past the end, or another trainer's checkpoint."""
 
 
-def _generator(seed: int, *stream: int) -> torch.Generator:
+def step_generator(seed: int, *stream: int) -> torch.Generator:
     # SeedSequence mixes (seed, stream...) into independent, collision-free seeds.
     state = np.random.SeedSequence([seed, *stream]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator("cpu").manual_seed(int(state))
 
 
-def _images(images) -> torch.Tensor:
+def as_image_tensor(images) -> torch.Tensor:
     # The loaders return numpy arrays: accept those too.
     return checks.images("images", torch.as_tensor(images)).float()
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     if p is None:
         raise ValueError("model has no parameters to train")
@@ -87,12 +87,12 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.replace(tmp, path)
 
 
-def _optim_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     return {f"optim.{i}.{k}": v for i, st in opt.state_dict()["state"].items()
             for k, v in st.items() if torch.is_tensor(v)}
 
 
-def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -103,7 +103,7 @@ def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) ->
     opt.load_state_dict(sd)
 
 
-def _load_model(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
     sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
         model.load_state_dict(sd)
@@ -111,7 +111,7 @@ def _load_model(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str,
         raise ResumeError(f"checkpoint {path} does not fit the model: {e}") from e
 
 
-class _Run:
+class RunDirectory:
     """Checkpoint, loss log and plot of one training run in `out_dir`."""
 
     def __init__(self, out_dir, kind: str, hparams: dict, resume: bool):

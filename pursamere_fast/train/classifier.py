@@ -39,13 +39,13 @@ from pursamere_fast.optim import SAM, SSESAM, ImbSAM, stage_rho_head
 from .checkpoint import (
     ResumeError,
     TrainResult,
-    _device_of,
-    _generator,
-    _images,
-    _load_model,
-    _load_optim,
-    _optim_tensors,
-    _Run,
+    model_device,
+    step_generator,
+    as_image_tensor,
+    load_model_tensors,
+    load_optimizer,
+    optimizer_tensors,
+    RunDirectory,
 )
 from .lfr import gradient_penalty, lfr_penalty, pgd_examples
 from .longtail import tail_classes
@@ -296,7 +296,7 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
             hyperparameters, optimiser, regulariser or augmentation settings, for another model,
             or is past `epochs`.
     """
-    images = _images(images)
+    images = as_image_tensor(images)
     labels = checks.labels("labels", torch.as_tensor(labels), images.shape[0]).long()
     epochs = checks.integer("epochs", epochs, 1)
     batch_size = checks.integer("batch_size", batch_size, 1)
@@ -317,7 +317,7 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
                          f"got {optimizer.name!r}")
     if regularised and purify_score is not None:
         raise ValueError(f"regulariser {regulariser.name!r} does not combine with purify_score")
-    device = _device_of(model)
+    device = model_device(model)
     config_desc = None
     if purify_score is not None:
         from pursamere_fast import PurifyConfig, purify
@@ -333,7 +333,7 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
         hparams["regulariser"] = regulariser.used()
     if augment != "none":  # the same
         hparams["augment"] = augment
-    run = _Run(out_dir, "classifier", hparams, resume)
+    run = RunDirectory(out_dir, "classifier", hparams, resume)
     opt = optimizer.build(model.parameters(), lr)
     n = images.shape[0]
     per_epoch = math.ceil(n / batch_size)
@@ -348,12 +348,12 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
         start, tensors = loaded
         if start > total:
             raise ResumeError(f"checkpoint in {run.dir} is at step {start}, past epochs={epochs} ({total} steps)")
-        _load_model(model, tensors, "model.", run.ckpt)
-        _load_optim(opt, tensors)
+        load_model_tensors(model, tensors, "model.", run.ckpt)
+        load_optimizer(opt, tensors)
 
     def state() -> dict[str, torch.Tensor]:
         out = {f"model.{k}": v for k, v in model.state_dict().items()}
-        out.update(_optim_tensors(opt))
+        out.update(optimizer_tensors(opt))
         return out
 
     purified = None
@@ -366,11 +366,11 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
     for step in range(start, total):
         epoch, b = divmod(step, per_epoch)
         if epoch != perm_epoch:
-            perm_epoch, perm = epoch, torch.randperm(n, generator=_generator(seed, epoch))
+            perm_epoch, perm = epoch, torch.randperm(n, generator=step_generator(seed, epoch))
         idx = perm[b * batch_size:(b + 1) * batch_size]
         x, y = images[idx].to(device), labels[idx].to(device)
         if augment == "crop-flip":
-            x = crop_flip(x, _generator(seed, step, _AUGMENT_STREAM))
+            x = crop_flip(x, step_generator(seed, step, _AUGMENT_STREAM))
         x_pur = None
         if purified is not None:
             x_pur = purified[idx].to(device)
@@ -389,7 +389,7 @@ def train_classifier(model: nn.Module, images, labels, *, epochs: int, batch_siz
                 group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
         if optimizer.name in ("adam", "sgd"):
             if regularised:
-                loss = regulariser.loss(model, x, y, _generator(seed, step, _REGULARISER_STREAM))
+                loss = regulariser.loss(model, x, y, step_generator(seed, step, _REGULARISER_STREAM))
             else:
                 loss = batch_loss()
             opt.zero_grad(set_to_none=True)
@@ -466,7 +466,7 @@ def _purified_set(images: torch.Tensor, purify: Callable, score: Callable, confi
 
 @torch.no_grad()
 def _predictions(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    device = _device_of(model)
+    device = model_device(model)
     model.eval()
     return torch.cat([model(images[i:i + batch_size].to(device)).argmax(1).cpu()
                       for i in range(0, images.shape[0], batch_size)])
@@ -478,7 +478,7 @@ def evaluate_classifier(model: nn.Module, images, labels, batch_size: int = 500)
     Raises:
         ValueError: images not float (N, C, H, W) in [0, 1], or labels not (N,).
     """
-    images = _images(images)
+    images = as_image_tensor(images)
     labels = checks.labels("labels", torch.as_tensor(labels), images.shape[0])
     batch_size = checks.integer("batch_size", batch_size, 1)
     correct = int((_predictions(model, images, batch_size) == labels).sum())
@@ -501,7 +501,7 @@ def per_class_accuracy(model: nn.Module, images, labels, num_classes: int | None
     Raises:
         ValueError: images not float (N, C, H, W) in [0, 1], labels not (N,) in [0, num_classes).
     """
-    images = _images(images)
+    images = as_image_tensor(images)
     if num_classes is not None:
         num_classes = checks.integer("num_classes", num_classes, 1)
     labels = checks.labels("labels", torch.as_tensor(labels), images.shape[0], num_classes).long()

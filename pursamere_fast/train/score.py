@@ -24,13 +24,13 @@ from pursamere_fast import checks
 from .checkpoint import (
     ResumeError,
     TrainResult,
-    _device_of,
-    _generator,
-    _images,
-    _load_model,
-    _load_optim,
-    _optim_tensors,
-    _Run,
+    model_device,
+    step_generator,
+    as_image_tensor,
+    load_model_tensors,
+    load_optimizer,
+    optimizer_tensors,
+    RunDirectory,
 )
 
 
@@ -88,7 +88,7 @@ def train_score(model: nn.Module, images, *, sigmas: Sequence[float], steps: int
             hyperparameters, other images, for another model (class or `config`), or is past
             `steps`.
     """
-    images = _images(images)
+    images = as_image_tensor(images)
     sig = torch.tensor(_sigmas(sigmas), dtype=torch.float32)
     steps = checks.integer("steps", steps, 1)
     batch_size = checks.integer("batch_size", batch_size, 1)
@@ -98,14 +98,14 @@ def train_score(model: nn.Module, images, *, sigmas: Sequence[float], steps: int
     # ema = 1 would freeze the exported weights at their initialization.
     if checks.real("ema", ema, 0, 1) == 1:
         raise ValueError(f"ema must be a finite number >= 0 and < 1, got {ema!r}")
-    device = _device_of(model)
+    device = model_device(model)
     # The network's class and constructor arguments: two ConvScoreNets that differ only in
     # dilations have the same weight shapes, so the state dict alone would not refuse a resume.
     net = {"arch": type(model).__name__, "config": json.loads(json.dumps(getattr(model, "config", None)))}
     hparams = {"sigmas": [float(s) for s in sig], "batch_size": batch_size, "lr": lr, "ema": ema,
                "seed": seed, "images": list(images.shape), "images_sum": round(float(images.double().sum()), 3),
                "net": net}
-    run = _Run(out_dir, "score", hparams, resume)
+    run = RunDirectory(out_dir, "score", hparams, resume)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     params = dict(model.named_parameters())
     shadow = {k: p.detach().clone() for k, p in params.items()}
@@ -115,22 +115,22 @@ def train_score(model: nn.Module, images, *, sigmas: Sequence[float], steps: int
         start, tensors = loaded
         if start > steps:
             raise ResumeError(f"checkpoint in {run.dir} is at step {start}, past steps={steps}")
-        _load_model(model, tensors, "model.", run.ckpt)
+        load_model_tensors(model, tensors, "model.", run.ckpt)
         for k, v in shadow.items():
             v.copy_(tensors[f"ema.{k}"])
-        _load_optim(opt, tensors)
+        load_optimizer(opt, tensors)
 
     def state() -> dict[str, torch.Tensor]:
         out = {f"model.{k}": v for k, v in model.state_dict().items()}
         out.update({f"ema.{k}": v for k, v in shadow.items()})
-        out.update(_optim_tensors(opt))
+        out.update(optimizer_tensors(opt))
         return out
 
     model.train()
     names = list(params)
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="train-score", dynamic_ncols=True)
     for step in range(start, steps):
-        g = _generator(seed, step)
+        g = step_generator(seed, step)
         idx = torch.randint(images.shape[0], (batch_size,), generator=g)
         level = torch.randint(sig.numel(), (batch_size,), generator=g)
         z = torch.randn((batch_size, *images.shape[1:]), generator=g)
@@ -173,12 +173,12 @@ def evaluate_denoiser(score: Callable, images, sigmas: Sequence[float], *, seed:
         {sigma: {"tweedie_mse": ..., "noisy_mse": ..., "n": N}}, MSE per pixel averaged over
         the images (noisy_mse is the error of the noisy input y itself).
     """
-    images = _images(images)
+    images = as_image_tensor(images)
     sigmas = _sigmas(sigmas)
     batch_size = checks.integer("batch_size", batch_size, 1)
-    z = torch.randn(images.shape, generator=_generator(checks.seed("seed", seed), 0))
+    z = torch.randn(images.shape, generator=step_generator(checks.seed("seed", seed), 0))
     out: dict[float, dict[str, float]] = {}
-    device = _device_of(score) if isinstance(score, nn.Module) else torch.device("cpu")
+    device = model_device(score) if isinstance(score, nn.Module) else torch.device("cpu")
     for sigma in sigmas:
         se_tw = se_noisy = 0.0
         for i in range(0, images.shape[0], batch_size):
