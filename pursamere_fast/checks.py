@@ -202,7 +202,13 @@ class ModelInputError(ValueError, RuntimeError):
     """
 
 
-def score_error(error: BaseException, name: str, y: torch.Tensor, *, images: str = "x") -> ModelInputError | None:
+class ModelCallError(ValueError, TypeError):
+    """A score or classifier could not be called as the purifier calls it (a TypeError inside the
+    call, e.g. a score that takes one argument): a ValueError and a TypeError."""
+
+
+def score_error(error: BaseException, name: str, y: torch.Tensor, *,
+                images: str = "x") -> ModelInputError | ModelCallError | None:
     """A ValueError that says why a call of a score (or classifier) on `y` failed, or None.
 
     Purifiers wrap their model calls with this (`model_errors`), so that images the model
@@ -219,12 +225,16 @@ def score_error(error: BaseException, name: str, y: torch.Tensor, *, images: str
         images: how the message names the purifier's images.
 
     Returns:
-        ModelInputError, or None for an error that is not about the images.
+        ModelInputError (a RuntimeError), ModelCallError (a TypeError), or None for an error
+        that is not about the images or the call.
     """
     msg = str(error)
+    first = msg.strip().splitlines()[0] if msg.strip() else type(error).__name__
+    if isinstance(error, TypeError) and not isinstance(error, ValueError):
+        how = " (a score is called as score(y, sigma), y (M, C, H, W), sigma (M,))" if name == "score" else ""
+        return ModelCallError(f"the {name} model could not be called on {images}{how}: {first}")
     if isinstance(error, torch.OutOfMemoryError) or not isinstance(error, RuntimeError) or "CUDA error" in msg:
         return None
-    first = msg.strip().splitlines()[0] if msg.strip() else type(error).__name__
     channels = re.search(r"to have (\d+) channels, but got (\d+) channels", msg)
     if channels:
         want, got = int(channels.group(1)), int(channels.group(2))
@@ -247,10 +257,11 @@ def score_error(error: BaseException, name: str, y: torch.Tensor, *, images: str
 @contextlib.contextmanager
 def model_errors(name: str, y: torch.Tensor, *, images: str = "x"):
     """Within this context a model's RuntimeError about its input becomes the `ModelInputError`
-    of `score_error` (chained to the original); anything else passes through unchanged."""
+    of `score_error`, a TypeError its `ModelCallError` (chained to the original); anything else
+    passes through unchanged."""
     try:
         yield
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:
         named = score_error(e, name, y, images=images)
         if named is None:
             raise

@@ -73,10 +73,13 @@ class PurifyConfig:
                              f"got lr_min={self.lr_min!r}, lr_max={self.lr_max!r}")
         checks.choice("norm", self.norm, ("linf", "l2"))
         # Images are in [0, 1]: an linf ball of radius 1 already holds the whole cube (the
-        # unconstrained search, which stays legal), so a larger radius is a budget in pixel units.
-        if self.norm == "linf" and self.rho > 1:
-            raise ValueError(f"rho must be <= 1 for norm='linf' (images are in [0, 1]), got {self.rho!r}: a "
-                             f"budget in [0, 255] pixel units needs /255 (rho={self.rho:g}/255)")
+        # unconstrained search, which stays legal), so a larger radius (of the purification ball
+        # or of SAM's ascent) is a budget in pixel units.
+        for name in ("rho", "sam_radius"):
+            value = getattr(self, name)
+            if self.norm == "linf" and value > 1:
+                raise ValueError(f"{name} must be <= 1 for norm='linf' (images are in [0, 1]), got {value!r}: a "
+                                 f"budget in [0, 255] pixel units needs /255 ({name}={value:g}/255)")
 
     @property
     def num_steps(self) -> int:

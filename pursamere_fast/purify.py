@@ -258,7 +258,9 @@ class _FusedLoop:
         ere_residual(s.detach().reshape(b * n, d), self.eps, self.sigma, n, self.dlds, self.sqnorm)
         torch.mean(self.sqnorm.view(b, n), dim=1, out=self.ere_row[0])
         trace.index_copy_(0, self.idx[:1], self.ere_row)
-        (gy,) = torch.autograd.grad(s, yl, grad_outputs=self.dlds.view_as(s))
+        (gy,) = torch.autograd.grad(s, yl, grad_outputs=self.dlds.view_as(s), allow_unused=True)
+        if gy is None:  # known when the graph is built: no sync
+            raise _unused_input_error()
         # reshape, not view: a channels_last score hands back a channels_last gradient.
         return gy.reshape(b, n, d)
 
@@ -315,7 +317,18 @@ class _CheckedScore:
             s = call_score(self.score, y, sigma, double_backward=y.requires_grad and torch.is_grad_enabled())
         if not bool(torch.isfinite(s.detach()).all()):
             raise _output_error(self.config, k)
+        if self.calls == 1 and y.requires_grad and torch.is_grad_enabled():
+            # An output that needs a gradient through parameters only would surface later as
+            # torch's "appears to not have been used in the graph"; one extra backward, once.
+            (g,) = torch.autograd.grad(s, y, torch.ones_like(s), retain_graph=True, allow_unused=True)
+            if g is None:
+                raise _unused_input_error()
         return s
+
+
+def _unused_input_error():
+    return ValueError("score returned a tensor that does not depend on its input y through autograd (it depends on "
+                      "parameters only, or is constant): purification needs the score's gradient with respect to y")
 
 
 def _output_error(config, k):

@@ -20,7 +20,7 @@ from torch import nn
 
 from pursamere_fast import NonFiniteScoreError, Purifier, PurifyConfig, checks, cli, purify
 from pursamere_fast.attacks import PurifiedClassifier
-from pursamere_fast.checks import ModelInputError
+from pursamere_fast.checks import ModelCallError, ModelInputError
 from pursamere_fast.nets import ConvScoreNet, SmallCNN
 from pursamere_fast.purifiers import ADPPurifier, DiffPurePurifier, HeteroPurifier
 
@@ -173,6 +173,8 @@ SCORE_CASES = [
      good(dtype=torch.float64), ModelInputError, r"score model cannot take (x|x_adv)'s dtype torch\.float64"),
     ("score raises a layer's RuntimeError", lambda: raising_score, good(), ModelInputError,
      r"score model failed on (x|x_adv) \(its input of shape .*\): mat1 and mat2"),
+    ("score takes one argument", lambda: (lambda y: y), good(), ModelCallError,
+     r"score model could not be called on (x|x_adv) \(a score is called as score\(y, sigma\)"),
 ]
 
 
@@ -180,8 +182,8 @@ SCORE_CASES = [
 @pytest.mark.parametrize("case, make_score, x, error, fragment", SCORE_CASES, ids=[c[0] for c in SCORE_CASES])
 def test_hostile_scores(entry, case, make_score, x, error, fragment):
     purifier = PURIFIERS[entry](make_score())
-    if entry in RAW_MODEL_ERRORS and error is ModelInputError:
-        error, fragment = RuntimeError, r"."
+    if entry in RAW_MODEL_ERRORS and error in (ModelInputError, ModelCallError):
+        error, fragment = RuntimeError if error is ModelInputError else TypeError, r"."
     with pytest.raises(error) as info:
         purifier(x)
     assert re.search(fragment, str(info.value)), str(info.value)
@@ -269,7 +271,24 @@ OPTION_CASES = [
     ("DiffPurePurifier t_star=2", lambda: DiffPurePurifier(gaussian, t_star=2.0), r"^t_star must be"),
     ("PurifiedClassifier std=0", lambda: PurifiedClassifier(Purifier(gaussian, CFG), classifier_net(), std=[0.0]),
      r"std"),
+    ("PurifiedClassifier mean of 3 for 1-channel images",
+     lambda: PurifiedClassifier(Purifier(gaussian, CFG), classifier_net(), mean=[0.5, 0.5, 0.5])(good()),
+     r"^mean must have 1 or 1 entries \(the images' channels\), got 3"),
+    ("PurifiedClassifier whose classifier takes 3 channels",
+     lambda: PurifiedClassifier(Purifier(gaussian, CFG), SmallCNN(3, 10, 4, 8))(good()),
+     r"the purified x has C=1 channels but the classifier model takes C=3"),
+    ("PurifyConfig sam_radius=4 (linf)", lambda: PurifyConfig(sam_radius=4), r"^sam_radius must be <= 1.*4/255"),
 ]
+
+
+@pytest.mark.parametrize("entry", ["purify", "Purifier", "Purifier-full"])
+def test_score_through_parameters_only_is_named(entry):
+    """An output that needs a gradient through a parameter but not through y: the loops that
+    differentiate the score with respect to y name it (instead of torch's "appears to not have
+    been used in the graph")."""
+    w = torch.zeros(1, requires_grad=True)
+    with pytest.raises(ValueError, match=r"^score returned a tensor that does not depend on its input y"):
+        PURIFIERS[entry](lambda y, s: w.expand_as(y) * 1.0)(good().requires_grad_(True))
 
 
 def _vp_hetero(**kw):

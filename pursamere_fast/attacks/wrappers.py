@@ -84,7 +84,14 @@ class PurifiedClassifier(nn.Module):
         self.register_buffer("std", s, persistent=False)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply (x - mean) / std with the stored statistics (identity when both are None)."""
+        """Apply (x - mean) / std with the stored statistics (identity when both are None).
+
+        Raises:
+            ValueError: mean or std has as many entries as neither 1 nor x's channels.
+        """
+        for name, t in (("mean", self.mean), ("std", self.std)):
+            if t is not None and t.numel() not in (1, x.shape[1]):
+                raise ValueError(f"{name} must have 1 or {x.shape[1]} entries (the images' channels), got {t.numel()}")
         if self.mean is not None:
             x = x - self.mean.to(x.dtype)
         if self.std is not None:
@@ -92,7 +99,10 @@ class PurifiedClassifier(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.normalise(self.purifier(x)))
+        purified = self.normalise(self.purifier(x))
+        # A classifier that cannot take the images (channels, size, dtype, device) is named.
+        with checks.model_errors("classifier", purified, images="the purified x"):
+            return self.classifier(purified)
 
 
 class VotingClassifier(PurifiedClassifier):
