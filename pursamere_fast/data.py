@@ -249,6 +249,29 @@ def load_cifar10(root: str | os.PathLike, split: str = "train") -> tuple[np.ndar
 PARTS = ("validation", "test")
 
 
+def holdout_split(images, labels, holdout: int):
+    """The one rule of the validation split: the last `holdout` training images are held out.
+
+    Every trainer's --holdout, `evaluate`'s part = "validation" data, `attacks.sweep.validation_split`
+    and `score-quality --split validation` take their images through it.
+
+    Args:
+        images, labels: the training set (arrays or tensors of the same length).
+        holdout: images held out, 0..len(images); 0 passes the arrays on untouched.
+
+    Returns:
+        ((train images, labels), (held-out images, labels)), in file order.
+
+    Raises:
+        ValueError: holdout out of range.
+    """
+    n = len(images)
+    k = checks.integer("holdout", holdout, 0, n)
+    if k == 0:
+        return (images, labels), (images[n:], labels[n:])
+    return (images[:n - k], labels[:n - k]), (images[n - k:], labels[n - k:])
+
+
 def _part(load, part: str, holdout: int):
     """(images, labels) tensors of `part`: the test split, or the last `holdout` training images."""
     import torch
@@ -257,7 +280,7 @@ def _part(load, part: str, holdout: int):
     images, labels = load("test" if part == "test" else "train")
     if part == "validation":
         holdout = checks.integer("holdout", holdout, 1, len(images))
-        images, labels = images[-holdout:], labels[-holdout:]
+        _, (images, labels) = holdout_split(images, labels, holdout)
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.copy())
 
 

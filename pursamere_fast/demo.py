@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from . import Purifier, purify
+from . import Purifier, checks, purify
 from .attacks import PurifiedClassifier, pgd
-from . import checks
-from .purify import BACKENDS
 from .pretrained import fashion_mnist
+from .purify import BACKENDS
 
 # The shipped Fashion-MNIST test subset (pursamere_fast.pretrained) holds this many images.
 SHIPPED_IMAGES = 1000
@@ -138,7 +137,8 @@ def run_demo(config: DemoConfig) -> int:
         pur_gray, ere_gray, t_gray = _purify_timed(adv_gray, d, config.backend)
         bar.update()
         bar.set_postfix_str("BPDA-det PGD")
-        defended = PurifiedClassifier(Purifier(d.score, d.config, grad_mode="bpda", backend=config.backend), d.classifier)
+        bpda = Purifier(d.score, d.config, grad_mode="bpda", backend=config.backend)
+        defended = PurifiedClassifier(bpda, d.classifier)
         adv_bpda = pgd(defended, x, y, norm="linf", eps=config.eps, alpha=alpha, steps=config.bpda_steps)
         bar.update()
         bar.set_postfix_str("purify BPDA-det")

@@ -31,8 +31,9 @@ from .wrappers import (
 )
 
 __all__ = [
-    "THREATS", "AttackSpec", "Defence", "RowStore", "open_shard", "read_run", "FreshNoisePurifier", "IdentityPurifier", "PurifiedClassifier",
-    "StraightThrough", "VotingClassifier", "apgd", "attack_loss", "clean_predictions", "cosine_per_sample", "format_accuracy",
-    "evaluate", "grid", "input_gradients", "markdown_table", "mcnemar_exact", "pgd",
-    "project_l1", "read_rows", "run_attack", "run_sanity", "square", "summarise", "wilson_interval",
+    "THREATS", "AttackSpec", "Defence", "FreshNoisePurifier", "IdentityPurifier", "PurifiedClassifier", "RowStore",
+    "StraightThrough", "VotingClassifier", "apgd", "attack_loss", "clean_predictions", "cosine_per_sample",
+    "evaluate", "format_accuracy", "grid", "input_gradients", "markdown_table", "mcnemar_exact", "open_shard",
+    "pgd", "project_l1", "read_rows", "read_run", "run_attack", "run_sanity", "square", "summarise",
+    "wilson_interval",
 ]

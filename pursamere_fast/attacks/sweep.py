@@ -54,12 +54,13 @@ def validation_split(size: int = 256, root: str | None = None) -> tuple[torch.Te
     Raises:
         ValueError: size out of range, or the loader's errors.
     """
-    from pursamere_fast.data import load_fashion_mnist
+    from pursamere_fast.data import holdout_split, load_fashion_mnist
 
     images, labels = load_fashion_mnist("train", root)
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= len(images):
         raise ValueError(f"size must be an int in 1..{len(images)}, got {size!r}")
-    return torch.from_numpy(images[-size:].copy()), torch.from_numpy(labels[-size:].copy())
+    _, (images, labels) = holdout_split(images, labels, size)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.copy())
 
 
 def config_grid(axes: Mapping[str, Sequence]) -> list[dict]:

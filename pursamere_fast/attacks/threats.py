@@ -31,16 +31,59 @@ from torch.nn import functional as F
 
 from .. import checks
 from ..purifiers import ADPPurifier
-from .apgd import apgd
-from .pgd import NORMS, pgd
-from .square import square
+from .apgd import APGD_NORMS, apgd
+from .pgd import LOSSES, NORMS, pgd
+from .square import SQUARE_LOSSES, SQUARE_NORMS, square
 from .wrappers import FreshNoisePurifier, IdentityPurifier, PurifiedClassifier, VotingClassifier
 
 THREATS = ("clean", "gpgd", "bpda", "bpda_eot", "exact", "exact_st", "exact_st_proj", "blackbox", "exact_eot")
 # The stochastic threats (fresh noise per call, EoT) and the grad mode of each draw.
 EOT_GRAD_MODE = {"bpda_eot": "bpda", "exact_eot": "full"}
-ATTACKS = ("pgd", "apgd", "square")
-LOSSES = ("ce", "cw", "dlr")
+
+
+@dataclass(frozen=True)
+class AttackAlgorithm:
+    """One attack algorithm of `ATTACK_TABLE`: what AttackSpec allows with it and how it runs.
+
+    Attributes:
+        run: (model, x, y, AttackSpec, seed) -> adversarial images.
+        norms, losses: the norms and losses it takes.
+        own_step: it sets its own step size (AttackSpec.alpha must be None).
+        queries: a query attack (threat "blackbox", no gradient; steps is the query budget).
+    """
+
+    run: Callable
+    norms: tuple[str, ...]
+    losses: tuple[str, ...]
+    own_step: bool = False
+    queries: bool = False
+
+
+def _run_pgd(model, x, y, attack, seed):
+    return pgd(model, x, y, norm=attack.norm, eps=attack.eps, alpha=attack.step_size, steps=attack.steps,
+               random_start=attack.random_start, seed=seed, restarts=attack.restarts, eot=attack.eot,
+               loss=attack.loss)
+
+
+def _run_apgd(model, x, y, attack, seed):
+    return apgd(model, x, y, norm=attack.norm, eps=attack.eps, steps=attack.steps, loss=attack.loss,
+                restarts=attack.restarts, seed=seed, eot=attack.eot)
+
+
+def _run_square(model, x, y, attack, seed):
+    # pyautoattack draws a whole batch's squares from one stream: Square takes one seed per
+    # call (the first sample's), so it alone depends on which images share its batch.
+    return square(model, x, y, norm=attack.norm, eps=attack.eps, queries=attack.steps,
+                  seed=seed if isinstance(seed, int) else int(seed[0]), loss=attack.loss)
+
+
+# The one table of attack algorithms: AttackSpec checks a setting against it, `run_attack` runs it.
+ATTACK_TABLE = {
+    "pgd": AttackAlgorithm(_run_pgd, NORMS, LOSSES),  # l1: sparse l1 descent
+    "apgd": AttackAlgorithm(_run_apgd, APGD_NORMS, LOSSES, own_step=True),  # Croce & Hein 2020
+    "square": AttackAlgorithm(_run_square, tuple(SQUARE_NORMS), tuple(SQUARE_LOSSES), own_step=True, queries=True),
+}
+ATTACKS = tuple(ATTACK_TABLE)
 # The purifier's grad mode behind each gradient-based threat.
 GRAD_MODE = {"bpda": "bpda", "exact": "full", "exact_st": "full_st", "exact_st_proj": "full_st_proj"}
 
@@ -88,17 +131,21 @@ class AttackSpec:
         checks.choice("norm", self.norm, NORMS)
         checks.choice("attack", self.attack, ATTACKS)
         checks.choice("loss", self.loss, LOSSES)
-        if (self.attack == "square") != (self.threat == "blackbox") and self.threat != "clean":
-            raise ValueError(f"attack 'square' and threat 'blackbox' go together (a query attack needs no gradient), "
-                             f"got attack={self.attack!r}, threat={self.threat!r}")
-        if self.attack != "pgd":
-            if self.norm == "l1":
-                raise ValueError(f"norm 'l1' needs attack 'pgd' (sparse l1 descent), got attack={self.attack!r}")
-            if self.alpha is not None:
-                raise ValueError(f"alpha must be None for attack {self.attack!r}, which sets its own step, "
-                                 f"got {self.alpha!r}")
-        if self.attack == "square" and self.loss == "dlr":
-            raise ValueError("loss must be 'ce' or 'cw' for attack 'square', got 'dlr'")
+        algorithm = ATTACK_TABLE[self.attack]
+        query = [name for name, a in ATTACK_TABLE.items() if a.queries]
+        if algorithm.queries != (self.threat == "blackbox") and self.threat != "clean":
+            raise ValueError(f"attack {' or '.join(map(repr, query))} and threat 'blackbox' go together (a query "
+                             f"attack needs no gradient), got attack={self.attack!r}, threat={self.threat!r}")
+        if self.norm not in algorithm.norms:
+            able = [name for name, a in ATTACK_TABLE.items() if self.norm in a.norms]
+            raise ValueError(f"norm {self.norm!r} needs attack {' or '.join(map(repr, able))}, "
+                             f"got attack={self.attack!r}")
+        if algorithm.own_step and self.alpha is not None:
+            raise ValueError(f"alpha must be None for attack {self.attack!r}, which sets its own step, "
+                             f"got {self.alpha!r}")
+        if self.loss not in algorithm.losses:
+            raise ValueError(f"loss must be {' or '.join(map(repr, algorithm.losses))} for attack {self.attack!r}, "
+                             f"got {self.loss!r}")
         checks.real("eps", self.eps, 0.0)
         for name, lo in (("steps", 0), ("restarts", 1), ("eot", 1)):
             checks.integer(name, getattr(self, name), lo)
@@ -210,13 +257,13 @@ class Defence:
         return VotingClassifier(purifier, classifier, self.runs, mean, std)
 
     @staticmethod
-    def none(name: str = "none") -> "Defence":
+    def none(name: str = "none") -> Defence:
         """No defence (identity purifier)."""
         return Defence(name, lambda grad_mode, seed: IdentityPurifier(), {"kind": "identity"})
 
     @staticmethod
     def pursamere(score: Callable, config=None, *, name: str = "pursamere", backend: str = "auto",
-                  score_dtype=None, **overrides) -> "Defence":
+                  score_dtype=None, **overrides) -> Defence:
         """PurSAMERE through `pursamere_fast.Purifier` (grad_mode "full" -> exact gradient).
 
         Args:
@@ -245,7 +292,7 @@ class Defence:
         return Defence(name, build, {"kind": "pursamere", "backend": backend, **dataclasses.asdict(cfg)}, plan)
 
     @staticmethod
-    def adp(score: Callable, *, name: str = "adp", **kwargs) -> "Defence":
+    def adp(score: Callable, *, name: str = "adp", **kwargs) -> Defence:
         """ADP-style score-ascent baseline (see `ADPPurifier` for kwargs)."""
         base_seed = kwargs.pop("seed", 0)
         ADPPurifier(score, seed=base_seed, **kwargs)  # validates kwargs now, not at first use
@@ -257,7 +304,7 @@ class Defence:
 
     @staticmethod
     def hetero(score: Callable, classifier: nn.Module, *, name: str = "hetero", runs: int = 1,
-               **kwargs) -> "Defence":
+               **kwargs) -> Defence:
         """Heterogeneous-noise diffusion purification, predicting by majority vote over `runs`
         runs (seeds seed .. seed + runs - 1; see `HeteroPurifier` for kwargs).
 
@@ -334,17 +381,7 @@ def run_attack(defence: Defence, attack: AttackSpec, classifier: nn.Module, x: t
 
 
 def _attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackSpec, seed) -> torch.Tensor:
-    if attack.attack == "square":
-        # pyautoattack draws a whole batch's squares from one stream: Square takes one seed per
-        # call (the first sample's), so it alone depends on which images share its batch.
-        return square(model, x, y, norm=attack.norm, eps=attack.eps, queries=attack.steps,
-                      seed=seed if isinstance(seed, int) else int(seed[0]), loss=attack.loss)
-    if attack.attack == "apgd":
-        return apgd(model, x, y, norm=attack.norm, eps=attack.eps, steps=attack.steps, loss=attack.loss,
-                    restarts=attack.restarts, seed=seed, eot=attack.eot)
-    return pgd(model, x, y, norm=attack.norm, eps=attack.eps, alpha=attack.step_size, steps=attack.steps,
-               random_start=attack.random_start, seed=seed, restarts=attack.restarts, eot=attack.eot,
-               loss=attack.loss)
+    return ATTACK_TABLE[attack.attack].run(model, x, y, attack, seed)
 
 
 def input_gradients(defence: Defence, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, grad_mode: str,

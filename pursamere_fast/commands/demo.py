@@ -12,7 +12,8 @@ from .options import ArgumentParser, device, integer, option_errors, real
 
 
 def main(argv=None):
-    p = ArgumentParser(prog="pursamere-fast demo", description="`pursamere-fast demo`: the whole defence on the shipped Fashion-MNIST defaults.")
+    p = ArgumentParser(prog="pursamere-fast demo",
+                       description="`pursamere-fast demo`: the whole defence on the shipped Fashion-MNIST defaults.")
     p.add_argument("--n", type=integer(1, SHIPPED_IMAGES), default=256,
                    help=f"number of shipped test images (<= {SHIPPED_IMAGES})")
     p.add_argument("--out-dir", default="demo_out", help="where the PNGs go")

@@ -46,7 +46,8 @@ def harness_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", type=existing_file,
                    help="TOML file; its keys are the long options (dashes or underscores), "
                         "plus tables [classifier_kwargs], [score_kwargs], [data_kwargs], "
-                        f"{', '.join(f'[{k}]' for k in DEFENCES[1:])}, an optional [[attack]] array of AttackSpec fields and an "
+                        f"{', '.join(f'[{k}]' for k in DEFENCES[1:])}, an optional [[attack]] array of AttackSpec "
+                        "fields and an "
                         "optional [[defence]] array of named defences (name, kind = one of "
                         f"{', '.join(DEFENCES)}, and that kind's settings), which replaces --defences. "
                         "Its factories are code that is imported and called: only run configs you trust")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..data import holdout_split
 from ..train.quality import SIGMAS, markdown, plot_quality, quality_rows
 from .options import ArgumentParser, existing_file, integer, option_errors, random_seed
 
@@ -52,8 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.purify_images = min(64, args.n)
     if args.purify_images > args.n:
         p.error(f"argument --purify-images: value must be at most --n ({args.n}), got {args.purify_images}")
-    # validation: the last n training images, exactly attacks.sweep.validation_split(n)'s.
-    images = torch.from_numpy((pool[:args.n] if args.split == "test" else pool[-args.n:]).copy())
+    # validation: the last n training images (data.holdout_split), attacks.sweep.validation_split(n)'s.
+    chosen = pool[:args.n] if args.split == "test" else holdout_split(pool, pool, args.n)[1][0]
+    images = torch.from_numpy(chosen.copy())
     scores = []
     for path in args.score:
         with option_errors(p, "--score"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..data import load_cifar10, load_fashion_mnist
+from ..data import holdout_split, load_cifar10, load_fashion_mnist
 from .options import integer, option_errors, random_seed, real
 
 
@@ -26,10 +26,10 @@ def load_datasets(p: argparse.ArgumentParser, args, held_out: bool = False):
     n, k = len(images), args.holdout
     if k >= n:
         p.error(f"argument --holdout: value must be less than the {n} training images, got {k}")
-    # The last k, as attacks.sweep.validation_split takes them; k = 0 passes the arrays on
-    # untouched, so the shipped models' training is unchanged.
-    train = (images[:n - k], labels[:n - k]) if k else (images, labels)
-    return (train, test, (images[n - k:], labels[n - k:])) if held_out else (train, test)
+    # data.holdout_split: the last k; k = 0 passes the arrays on untouched, so the shipped
+    # models' training is unchanged.
+    train, held = holdout_split(images, labels, k)
+    return (train, test, held) if held_out else (train, test)
 
 
 def common_args(p: argparse.ArgumentParser, lr_help: str = "Adam learning rate (constant)",

@@ -39,6 +39,6 @@ from .score import evaluate_denoiser, score_matching_loss, train_score
 __all__ = [
     "CHECKPOINT", "LOSS_LOG", "LOSS_PNG", "OPTIMIZERS", "REGULARISERS", "SCHEDULES", "OptimizerConfig",
     "RegulariserConfig", "ResumeError", "TrainResult", "evaluate_classifier", "evaluate_denoiser",
-    "gradient_penalty", "lfr_penalty", "long_tailed_counts", "long_tailed_subset", "per_class_accuracy", "pgd_examples", "plot_losses", "score_matching_loss",
-    "tail_classes", "train_classifier", "train_score",
+    "gradient_penalty", "lfr_penalty", "long_tailed_counts", "long_tailed_subset", "per_class_accuracy",
+    "pgd_examples", "plot_losses", "score_matching_loss", "tail_classes", "train_classifier", "train_score",
 ]

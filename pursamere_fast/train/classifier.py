@@ -38,14 +38,14 @@ from pursamere_fast.optim import SAM, SSESAM, ImbSAM, stage_rho_head
 
 from .checkpoint import (
     ResumeError,
+    RunDirectory,
     TrainResult,
-    model_device,
-    step_generator,
     as_image_tensor,
     load_model_tensors,
     load_optimizer,
+    model_device,
     optimizer_tensors,
-    RunDirectory,
+    step_generator,
 )
 from .lfr import gradient_penalty, lfr_penalty, pgd_examples
 from .longtail import tail_classes

@@ -23,14 +23,14 @@ from pursamere_fast import checks
 
 from .checkpoint import (
     ResumeError,
+    RunDirectory,
     TrainResult,
-    model_device,
-    step_generator,
     as_image_tensor,
     load_model_tensors,
     load_optimizer,
+    model_device,
     optimizer_tensors,
-    RunDirectory,
+    step_generator,
 )
 
 
