@@ -291,6 +291,23 @@ def test_score_through_parameters_only_is_named(entry):
         PURIFIERS[entry](lambda y, s: w.expand_as(y) * 1.0)(good().requires_grad_(True))
 
 
+class DropoutScore(nn.Module):
+    """A score left in training mode with Dropout: random on every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop, self.net = nn.Dropout(0.1), score_net()
+
+    def forward(self, y, sigma):
+        return self.net(self.drop(y), sigma)
+
+
+@pytest.mark.parametrize("entry", ["purify", "Purifier", "ADPPurifier", "HeteroPurifier"])
+def test_score_in_training_mode_warns(entry):
+    with pytest.warns(RuntimeWarning, match=r"score is in training mode with Dropout.*call score\.eval\(\)"):
+        PURIFIERS[entry](DropoutScore())(good())
+
+
 def _vp_hetero(**kw):
     from pursamere_fast.scores import VPScore
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import checks
 from ..purifier import GRAD_MODES, check_output_finite, purifier_forward, score_call
+from ..purify import check_score
 
 
 class ADPPurifier(nn.Module):
@@ -44,7 +45,8 @@ class ADPPurifier(nn.Module):
     def __init__(self, score: Callable, *, sigma: float = 0.25, noise_std: float = 0.25, steps: int = 5,
                  alpha: float = 1.0, seed: int = 0, grad_mode: str = "none"):
         super().__init__()
-        self.score = checks.function("score", score)
+        check_score(score)  # callable; warns when BatchNorm/Dropout in training mode would make it random
+        self.score = score
         self.sigma = checks.real("sigma", sigma, positive=True)
         self.noise_std = checks.real("noise_std", noise_std, 0.0)
         self.alpha = checks.real("alpha", alpha, positive=True)

@@ -84,6 +84,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import checks
 from ..purifier import GRAD_MODES, check_output_finite, purifier_forward, score_call
+from ..purify import check_score
 from ..scores.adapters import NoisePredictor, VPNoisePredictor, VPScore, vp_alpha_bar
 from ..scores.boundary import model_dtype
 
@@ -326,6 +327,7 @@ class HeteroPurifier(nn.Module):
                  grad_mode: str = "none", mask: str = "saliency", top_q: float | None = None,
                  stages: Sequence[str] | None = None, T: int | None = None, max_rows: int | None = None):
         super().__init__()
+        check_score(score)  # callable; warns when BatchNorm/Dropout in training mode would make it random
         # float64 on the CPU: coefficients only. alpha_bar[t], t = 0..T (1-based, alpha_bar[0] = 1)
         # and betas[t - 1] = beta_t.
         self.T, self.alpha_bar, self.betas = _schedule(score, T)
