@@ -9,13 +9,14 @@ and sm_90 on a machine without a GPU, with the resources ptxas gives each.
 
 Which variants: the fused loop's own `step()` (`purify._FusedLoop`, backend "triton") runs once
 for every configuration in `configurations()` (float32 and float64; linf and l2; SAM on and
-off; CIFAR-10 3x32x32 and ImageNet 3x256x256 images) with every `@triton.jit` function of the
+off; CIFAR-10 3x32x32, ImageNet 3x256x256 and Fashion-MNIST 1x28x28 images; N = 8, 2, 1
+samples) with every `@triton.jit` function of the
 op modules replaced by a recorder. Each launch the launchers make is recorded with its own
 arguments (tensors, ints, constexprs, options), so what is compiled is what the loop launches,
 not a hand-written list; launches that Triton would specialise identically (same dtypes,
-alignments, constexprs) are one variant. The config constants that are constexprs (N, betas,
-adam_eps, rho, the SAM radius) are PurifyConfig's defaults: another value compiles the same
-code with another immediate. K does not reach a kernel, so the loop is built with K = 2.
+alignments, constexprs) are one variant. The other config constants that are constexprs
+(betas, adam_eps, rho, the SAM radius) are PurifyConfig's defaults: another value compiles the
+same code with another immediate. K does not reach a kernel, so the loop is built with K = 2.
 
 How: `triton.compile` of each variant's `ASTSource` for `GPUTarget("cuda", 80, 32)` and
 `GPUTarget("cuda", 90, 32)`, through the `ptxas` that ships in the Triton wheel (no CUDA
@@ -58,7 +59,11 @@ ARCHS = (80, 90)
 # Per-SM limits of the CUDA occupancy calculator: registers, warps, blocks, shared memory (bytes).
 SM_LIMITS = {80: dict(regs=65536, warps=64, blocks=32, smem=164 * 1024),
              90: dict(regs=65536, warps=64, blocks=32, smem=228 * 1024)}
-SHAPES = {"cifar10": (3, 32, 32), "imagenet256": (3, 256, 256)}
+SHAPES = {"cifar10": (3, 32, 32), "imagenet256": (3, 256, 256), "fmnist": (1, 28, 28)}
+# n_samples is a constexpr (the kernels loop over it): PurifyConfig's default 8, the shipped
+# Fashion-MNIST model's 2, and 1 (the sweeps' smallest; it compiles differently: the loops
+# over N vanish).
+N_SAMPLES = (8, 2, 1)
 DEFAULT_OUT = BENCH / "results"
 STEM = "kernel-resources-sm80-sm90"
 
@@ -96,7 +101,7 @@ def ptxas_version(capability: int) -> str:
 
 def configurations():
     """(label, PurifyConfig, dtype, image shape) of every loop configuration whose launches are
-    recorded: dtype x norm x SAM x image shape, PurifyConfig's defaults otherwise, K = 2."""
+    recorded: dtype x norm x SAM x image shape x N, PurifyConfig's defaults otherwise, K = 2."""
     import torch
 
     from pursamere_fast import PurifyConfig
@@ -106,10 +111,12 @@ def configurations():
         for norm in ("linf", "l2"):
             for sam in (False, True):
                 for shape_name, shape in SHAPES.items():
-                    base = PurifyConfig(norm=norm, sigmas=(0.5, 0.1), steps_per_sigma=1, max_batch=1)
-                    config = base if sam else base.with_overrides(sam_radius=0.0)
-                    label = f"{str(dtype).replace('torch.', '')} {norm} sam={'on' if sam else 'off'} {shape_name}"
-                    out.append((label, config, dtype, shape))
+                    for n in N_SAMPLES:
+                        config = PurifyConfig(norm=norm, sigmas=(0.5, 0.1), steps_per_sigma=1, max_batch=1,
+                                              n_samples=n, **({} if sam else dict(sam_radius=0.0)))
+                        label = (f"{str(dtype).replace('torch.', '')} {norm} sam={'on' if sam else 'off'} "
+                                 f"{shape_name} N={n}")
+                        out.append((label, config, dtype, shape))
     return out
 
 
@@ -370,7 +377,8 @@ def markdown(doc: dict) -> str:
              + "; ".join(f"{arch}: {v}" for arch, v in doc["versions"]["ptxas"].items()) + ".", "",
              f"Variants: every distinct compilation among the launches of one loop step in each of "
              f"{len(doc['configurations'])} configurations (float32/float64 x linf/l2 x SAM on/off x "
-             "CIFAR-10 3x32x32 / ImageNet 3x256x256; `bench/kernel_resources.py`). spill st/ld: ptxas -v; local, "
+             "CIFAR-10 3x32x32 / ImageNet 3x256x256 / Fashion-MNIST 1x28x28 x N = 8, 2, 1; "
+             "`bench/kernel_resources.py`). spill st/ld: ptxas -v; local, "
              "stack: bytes per thread in the cubin (cuobjdump). Occupancy: theoretical, from registers, shared memory "
              "and warps.", "",
              "| kernel | dtype | constexprs | arch | regs | spill st/ld (B) | local (B) | stack (B) | smem (B) | "
