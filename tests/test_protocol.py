@@ -20,29 +20,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_data import idx_bytes, write_fashion
 
-from pursamere_fast import cli
-from pursamere_fast import protocol
-from pursamere_fast.commands import protocol as protocol_command
-from pursamere_fast.commands.protocol import pin_inputs, weights_sha256
-from pursamere_fast.protocol import (
-    dump_toml, resolve, select, selection_rule, spec, training_options)
+from pursamere_fast import cli, protocol
 from pursamere_fast.attacks.loading import attack_specs, load_toml, number_or_text
 from pursamere_fast.attacks.runner import read_rows
+from pursamere_fast.commands import protocol as protocol_command
+from pursamere_fast.commands.protocol import pin_inputs, weights_sha256
 from pursamere_fast.nets import ConvScoreNet, SmallCNN, UNetScoreNet, WideResNet, load_net, save_net
 from pursamere_fast.pretrained import recommended_config_dict
+from pursamere_fast.protocol import dump_toml, resolve, select, selection_rule, spec, training_options
 from pursamere_fast.purifiers.hetero import SALIENCY_STAGES, saliency_map
 from pursamere_fast.scores import NCSNv2Score
 from pursamere_fast.train import ResumeError, train_classifier
 from pursamere_fast.train.classifier import crop_flip, load_purify_score
-from test_data import idx_bytes, write_fashion
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "tests" / "fixtures" / "ncsnv2_cifar10_ngf16" / "checkpoint.pth"
 DRIVER = ROOT / "scripts" / "run_cifar10.sh"
 PROTOCOL = load_toml(ROOT / "configs" / "cifar10_protocol.toml")
 FMNIST = load_toml(ROOT / "configs" / "fmnist_protocol.toml")
-TEMPLATES = [spec(PROTOCOL)["select"], *spec(PROTOCOL)["tests"].values()]
+TEMPLATES = [spec(PROTOCOL).select, *spec(PROTOCOL).tests.values()]
 PER_BATCH = 8  # synthetic images per CIFAR batch file: 40 training images, 8 test images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -476,7 +474,7 @@ GRID_KEYS = ("rho", "sam_radius", "steps_per_sigma", "n_samples")
 def _fmnist_templates():
     names = spec(FMNIST)
     return {job: load_toml(ROOT / "configs" / name)
-            for job, name in {"select": names["select"], **names["tests"]}.items()}
+            for job, name in {"select": names.select, **names.tests}.items()}
 
 
 def test_fmnist_protocol_is_the_v1_setup_and_the_issue_13_grid():

@@ -163,25 +163,25 @@ def _run_cmd(argv: Sequence[str]) -> int:
         train_score = score_training_options(protocol, args.smoke)
         quality = quality_options(protocol, args.protocol, args.smoke)
         selection_rule(protocol, args.smoke)  # checked now; the choose stage applies it
-        templates = {name: load_toml(configs / name) for name in [names["select"], *names["tests"].values()]}
-    p.prog = names["driver"]
+        templates = {name: load_toml(configs / name) for name in [names.select, *names.tests.values()]}
+    p.prog = names.driver
     holdout = train["holdout"]
     if args.score is None and train_score is None:
-        p.error(f"argument {names['score_arg']}: required (the protocol trains no score model)")
+        p.error(f"argument {names.score_arg}: required (the protocol trains no score model)")
     # The inputs are checked before hours of training: the score loads, the test images read.
     if args.score is not None:
-        with option_errors(p, names["score_arg"]):
-            load_object(names["score"], {"path": args.score})
+        with option_errors(p, names.score_arg):
+            load_object(names.score, {"path": args.score})
             if train_score is not None:
-                check_held_out(args.score, names["dataset"], holdout)
-    with option_errors(p, names["data_arg"]):
+                check_held_out(args.score, names.dataset, holdout)
+    with option_errors(p, names.data_arg):
         root = data_root(names, args.data_root)
-        load_object(names["data"], {"root": root, "part": "test"})
+        load_object(names.data, {"root": root, "part": "test"})
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    out = Path(args.out or (names["out"] + ("_smoke" if args.smoke else "")))
+    out = Path(args.out or (names.out + ("_smoke" if args.smoke else "")))
     for sub in ("logs", "models", "configs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    data = ["--dataset", names["dataset"], "--data-root", root]
+    data = ["--dataset", names.dataset, "--data-root", root]
 
     def pin(run: Path, inputs: Mapping[str, str]) -> None:
         with option_errors(p, "OUT_DIR"):
@@ -228,7 +228,7 @@ def _run_cmd(argv: Sequence[str]) -> int:
         stage(out, name, "pursamere-fast evaluate", main_evaluate,
                ["--config", config, "--out", str(run), "--device", device, "--classifier", str(weights)])
 
-    select_config = write_config(names["select"])
+    select_config = write_config(names.select)
     train_classifier("clean")
     evaluate("select", select_config, out / "select", "clean")
     stage(out, "choose", "pursamere-fast protocol select", _select_cmd,
@@ -239,12 +239,12 @@ def _run_cmd(argv: Sequence[str]) -> int:
     augment = json.loads((out / "select" / AUGMENT).read_text())
     pin(out / "train_aug", score_digest)  # its hyperparameters pin the rest
     train_classifier("aug", "--purify-score", score, "--purify-config", json.dumps(augment))
-    tests = {job: write_config(name, choice, args.test_n) for job, name in names["tests"].items()}
+    tests = {job: write_config(name, choice, args.test_n) for job, name in names.tests.items()}
     # Job by job, both classifiers each: a pass that stops early leaves complete comparisons.
     for job, config in tests.items():
         for classifier in CLASSIFIERS:
             evaluate(f"test_{classifier}_{job}", config, out / "test" / classifier / job, classifier)
-    write_report(out, names["title"])
+    write_report(out, names.title)
     print(f"{_now()} done: {out / 'report.md'}")
     return 0
 
@@ -316,7 +316,7 @@ def _report_cmd(argv: Sequence[str]) -> int:
     p.add_argument("--protocol", type=existing_file, required=True, help="configs/<name>_protocol.toml (its title)")
     args = p.parse_args(argv)
     with option_errors(p, "--protocol"):
-        title = spec(load_toml(args.protocol))["title"]
+        title = spec(load_toml(args.protocol)).title
     sys.stdout.write(write_report(args.out, title))
     return 0
 

@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.protocol is not None:
         with option_errors(p, "--protocol"):
-            title = spec(load_toml(args.protocol))["title"]
+            title = spec(load_toml(args.protocol)).title
         with option_errors(p, "RUN"):
             if not os.path.isdir(args.run):
                 raise ValueError(f"no such directory: {args.run!r}")

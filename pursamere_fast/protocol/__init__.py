@@ -89,7 +89,8 @@ from .spec import (
 )
 
 __all__ = [
-    "AUGMENT", "CHOICE", "CHOICE_MD", "CLAIMS", "CLASSIFIERS", "DATASETS", "GROUPS", "LEVEL", "accuracy_panels",
+    "AUGMENT", "CHOICE", "CHOICE_MD", "CLAIMS", "CLASSIFIERS", "DATASETS", "GROUPS", "LEVEL", "ProtocolSpec",
+    "accuracy_panels",
     "comparisons", "defence_order", "robust_maps",
     "augmentation_config", "check_held_out", "choice_markdown", "data_root", "dump_toml", "options", "plot_report",
     "quality_options", "report", "resolve", "score_training_options", "select", "selection_rule", "spec",

@@ -9,7 +9,9 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from types import MappingProxyType
 
 from .. import checks
 from ..attacks.loading import number_or_text
@@ -37,22 +39,57 @@ def _table(cfg: Mapping, key: str, where: str) -> dict:
     return dict(value)
 
 
-def spec(protocol: Mapping) -> dict:
-    """The protocol's [protocol] table, checked, with the defaults of score_arg and data_arg.
+@dataclass(frozen=True)
+class ProtocolSpec:
+    """The protocol's [protocol] table, checked (see `pursamere_fast.protocol` for each key).
+
+    Attributes:
+        title: the report's heading. driver: the script that runs it, named in its messages.
+        dataset: `--dataset` of the trainers (one of DATASETS). data, score: the evaluate data
+            and score factories. out: the default output directory. select: the selection
+            template; tests: {job: template} of the test jobs (files next to the protocol file).
+        score_arg, data_arg: how the driver names its score and data inputs in messages.
+    """
+
+    title: str
+    driver: str
+    dataset: str
+    data: str
+    score: str
+    out: str
+    select: str
+    tests: Mapping[str, str]
+    score_arg: str = "--score"
+    data_arg: str = "--data-root"
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "tests" and (not isinstance(value, str) or not value):
+                raise ValueError(f"[protocol] {f.name} must be a non-empty string, got {value!r}")
+        checks.choice("[protocol] dataset", self.dataset, DATASETS)
+        tests = self.tests
+        if not isinstance(tests, Mapping) or not tests or not all(isinstance(v, str) for v in tests.values()):
+            raise ValueError(f"[protocol] tests must be a non-empty table of job = template file, got {tests!r}")
+        object.__setattr__(self, "tests", MappingProxyType(dict(tests)))
+
+
+def spec(protocol: Mapping) -> ProtocolSpec:
+    """The protocol's [protocol] table as a `ProtocolSpec`.
 
     Raises:
-        ValueError: a key missing or of the wrong type, naming it.
+        ValueError: a key missing, unknown or of the wrong type, naming it.
     """
     table = _table(protocol, "protocol", "the protocol")
-    out = {"score_arg": "--score", "data_arg": "--data-root", **table}
-    for key in ("title", "driver", "dataset", "data", "score", "out", "select", "score_arg", "data_arg"):
-        if not isinstance(out.get(key), str) or not out[key]:
-            raise ValueError(f"[protocol] {key} must be a non-empty string, got {out.get(key)!r}")
-    checks.choice("[protocol] dataset", out["dataset"], DATASETS)
-    tests = out.get("tests")
-    if not isinstance(tests, Mapping) or not tests or not all(isinstance(v, str) for v in tests.values()):
-        raise ValueError(f"[protocol] tests must be a non-empty table of job = template file, got {tests!r}")
-    return out
+    names = [f.name for f in fields(ProtocolSpec)]
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise ValueError(f"[protocol] has unknown keys {unknown}; valid: {', '.join(names)}")
+    for key in names:
+        if key not in table and key not in ("score_arg", "data_arg"):
+            what = "a non-empty table of job = template file" if key == "tests" else "a non-empty string"
+            raise ValueError(f"[protocol] {key} must be {what}, got None")
+    return ProtocolSpec(**table)
 
 
 def options(protocol: Mapping, key: str, smoke: bool = False) -> dict:
@@ -120,7 +157,7 @@ def selection_rule(protocol: Mapping, smoke: bool = False) -> dict:
     return {k: checks.real(f"selection {k}", rule.get(k), 0, 1) for k in ("clean_tol", "robust_tol")}
 
 
-def data_root(protocol_spec: Mapping, given: str | None) -> str:
+def data_root(protocol_spec: ProtocolSpec, given: str | None) -> str:
     """The data directory: the given one, else (Fashion-MNIST) `data.fashion_mnist_dir()`.
 
     Raises:
@@ -128,11 +165,11 @@ def data_root(protocol_spec: Mapping, given: str | None) -> str:
     """
     if given is not None:
         return given
-    if protocol_spec["dataset"] == "fashion-mnist":
+    if protocol_spec.dataset == "fashion-mnist":
         from ..data import fashion_mnist_dir
 
         return str(fashion_mnist_dir())
-    raise ValueError(f"required for dataset {protocol_spec['dataset']}")
+    raise ValueError(f"required for dataset {protocol_spec.dataset}")
 
 
 def check_held_out(path: str | os.PathLike, dataset: str, holdout: int) -> None:
@@ -252,8 +289,8 @@ def resolve(template: Mapping, protocol: Mapping, *, score: str, data_root: str,
     """
     factories = spec(protocol)
     cfg = copy.deepcopy(dict(template))
-    cfg.setdefault("score", factories["score"])
-    cfg.setdefault("data", factories["data"])
+    cfg.setdefault("score", factories.score)
+    cfg.setdefault("data", factories.data)
     for key in ("pursamere", "adp"):
         cfg[key] = {**_table(protocol, key, "the protocol"), **_table(cfg, key, where)}
     cfg["score_kwargs"] = {**_table(cfg, "score_kwargs", where), "path": os.path.abspath(score)}
