@@ -278,6 +278,12 @@ OPTION_CASES = [
      lambda: PurifiedClassifier(Purifier(gaussian, CFG), SmallCNN(3, 10, 4, 8))(good()),
      r"the purified x has C=1 channels but the classifier model takes C=3"),
     ("PurifyConfig sam_radius=4 (linf)", lambda: PurifyConfig(sam_radius=4), r"^sam_radius must be <= 1.*4/255"),
+    ("HeteroPurifier.make_noise of an (H, W) shape",
+     lambda: HeteroPurifier(gaussian, None, mask="all", **HETERO).make_noise((8, 8)),
+     r"^image_shape must be \(C, H, W\)"),
+    ("HeteroPurifier.mask of uint8 images",
+     lambda: HeteroPurifier(score_net(), classifier_net(), **HETERO).mask((good() * 255).byte()),
+     r"^x must be a floating-point tensor .*/ 255"),
 ]
 
 

@@ -409,8 +409,15 @@ class HeteroPurifier(nn.Module):
 
         Returns:
             HeteroNoise.
+
+        Raises:
+            ValueError: image_shape is not three positive integers, or a bad seed.
         """
-        return self._draw(tuple(image_shape), self.seed if seed is None else seed, False)[0]
+        shape = tuple(image_shape)
+        if len(shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {shape}")
+        shape = tuple(checks.integer("image_shape entries", d, 1) for d in shape)
+        return self._draw(shape, self.seed if seed is None else checks.seed("seed", seed), False)[0]
 
     def _draw(self, image_shape, seed, permutation):
         gen = torch.Generator("cpu").manual_seed(seed)
@@ -433,8 +440,12 @@ class HeteroPurifier(nn.Module):
 
         Returns:
             bool (B, 1, H, W).
+
+        Raises:
+            ValueError: bad x (as `forward`), or a bad seed.
         """
-        return self._masks(x, [self.seed if seed is None else seed])[0]
+        checks.images("x", x)
+        return self._masks(x, [self.seed if seed is None else checks.seed("seed", seed)])[0]
 
     def _masks(self, x, seeds) -> torch.Tensor:
         """(runs or 1, B, 1, H, W): one saliency mask for every run; a random mask per run."""
