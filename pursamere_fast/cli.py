@@ -18,7 +18,7 @@ COMMANDS = {
     "train-classifier": ("train_classifier", "main_train_classifier"),
     "score-quality": ("quality", "main"),
     "evaluate": ("evaluate", "main_evaluate"),
-    "sanity": ("evaluate", "main_sanity"),
+    "sanity": ("sanity", "main_sanity"),
     "convergence": ("convergence", "main"),
     "suite-summary": ("suite_summary", "main"),
     "sweep": ("sweep", "main"),

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from pursamere_fast import PurifyConfig
-from pursamere_fast.attacks import (AttackSpec, Defence, evaluate, grid, read_rows,
-                                    run_sanity, wilson_interval)
-from pursamere_fast.attacks import toy
+from pursamere_fast.attacks import AttackSpec, Defence, evaluate, grid, read_rows, run_sanity, toy, wilson_interval
 from pursamere_fast.attacks.loading import load_object
-from pursamere_fast.commands.evaluate import main_evaluate, main_sanity
+from pursamere_fast.commands.evaluate import main_evaluate
+from pursamere_fast.commands.sanity import main_sanity
 from pursamere_fast.purify import CPU_CHUNK_PIXELS
 
 CONFIG = """\
