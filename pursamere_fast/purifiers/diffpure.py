@@ -25,7 +25,12 @@ the score is called through `pursamere_fast.scores.boundary.ScoreCall`, which ch
 output and records NaN/Inf on the device, raised once after the loop (`NonFiniteScoreError`
 naming the step and sigma'). A `ContinuousVPScore` (DiffPure's own score_sde model) goes
 through the same conversion: the round trip VP -> VE -> VP is exact up to rounding (2e-16
-in float64, tests/test_diffpure.py). The network is all of the cost at any realistic size.
+in float64, tests/test_diffpure.py). The network is all of the cost at any realistic size:
+bench/bench_diffpure.py, shipped Fashion-MNIST score, batch 32, S = 100, 1 thread of a shared
+2-core Xeon, min of 3 alternated rounds: 6.06 s against the reference's 6.35 s and the bare
+network's 7.22 s (S calls alone; the three are within the machine's noise). On a 4-channel
+8x8 toy network the boundary's per-call NaN/Inf record (16 us of a ~200 us step) makes this
+path 1.2x slower than the unchecked reference loop.
 
 Noise. z_0 .. z_S, each (C, H, W), are shared by every image of a batch, so an image's result
 does not depend on its batch mates (batch invariance: re-batching inside an attack changes
@@ -41,10 +46,12 @@ for both methods so that one explicit noise serves both.
 Grad modes (`pursamere_fast.purifier.GRAD_MODES`): "none" runs under no_grad; "bpda" has the
 "none" value and the identity backward; "full" backpropagates through every step, each step
 under torch.utils.checkpoint (use_reentrant=False), so the graph holds one state image per
-step and one step's network activations at a time instead of S steps' activations (measured
-in bench/bench_diffpure.py and docs/diffpure.md); each step's forward is rerun once in the
-backward. "full_st" is "full" (there is no Adam normaliser to hold constant) and
-"full_st_proj" passes the final [0, 1] clamp straight through.
+step and one step's network activations at a time instead of S steps' activations; each
+step's forward is rerun once in the backward. Measured (bench/bench_diffpure.py, shipped
+score, 8 images, forward + input gradient, peak RSS rise): 25.6 / 29.0 / 36.2 MiB at
+S = 10 / 40 / 100, against 115 / 421 / 1037 MiB for plain autograd through the reference.
+"full_st" is "full" (there is no Adam normaliser to hold constant) and "full_st_proj" passes
+the final [0, 1] clamp straight through.
 """
 
 from __future__ import annotations
