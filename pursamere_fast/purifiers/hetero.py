@@ -650,6 +650,10 @@ class _NoiseCall:
             self.timed.t = t  # set on every call, also when the checkpoint recomputes this step
             sigma = torch.full_like(t, 0.5 * math.sqrt((1 - step.ab_t) / step.ab_t), dtype=xb_t.dtype)
             return self.call(xb_t, sigma, where)
+        if self.alpha_bar.device != t.device:
+            # Images on another device than the score (whose device the table is on): once per
+            # pass, so that the score call, not this lookup, fails and names both devices.
+            self.alpha_bar = self.alpha_bar.to(t.device)
         ab = self.alpha_bar[t]
         sigma = (0.5 * ((1 - ab) / ab).sqrt()).to(xb_t.dtype)
         inv_sqrt_ab = ab.rsqrt().to(xb_t.dtype).view(-1, 1, 1, 1)
