@@ -173,6 +173,7 @@ def test_fresh_noise_differs_between_calls_and_is_reproducible():
     assert_equal("replayed first", again(x), first)
     assert_equal("replayed second", again(x), second)
     p.reset()
+    p(x, p.make_noise(x.shape[1:], seed=8))  # explicit noise does not advance the generator
     assert_equal("reset", p(x), first)
     # Within one call the noise is shared by the batch: a duplicated image gets one result.
     dup = p(torch.cat([x[:1], x[:1]]))
@@ -359,6 +360,13 @@ def test_bad_inputs_name_the_argument():
     for noise in (p.make_noise((1, 8, 8))[1:], p.make_noise((1, 8, 7)), p.make_noise((1, 8, 8))[None]):
         with pytest.raises(ValueError, match="noise"):
             p(x, noise)
+    for shape, name in (((8, 8), "image_shape"), ((1, 0, 8), "image_shape"), ((1, 8.0, 8), "image_shape")):
+        with pytest.raises(ValueError, match=name):
+            p.make_noise(shape)
+    with pytest.raises(ValueError, match="seed"):
+        p.make_noise((1, 8, 8), seed=-1)
+    with pytest.raises(ValueError, match="seed"):
+        p.reset(seed=1.5)
     bad_score = DiffPurePurifier(lambda y, sigma: y[:, :, :4], **SMALL)
     with pytest.raises(ValueError, match="score"):
         bad_score(x)

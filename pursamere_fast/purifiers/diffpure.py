@@ -176,10 +176,17 @@ class DiffPurePurifier(nn.Module):
 
         Returns:
             torch.randn((S + 1, C, H, W), generator=torch.Generator("cpu").manual_seed(seed)).
+
+        Raises:
+            ValueError: image_shape is not three positive integers, or a bad seed.
         """
+        shape = tuple(image_shape)
+        if len(shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {shape}")
+        shape = tuple(checks.integer("image_shape entries", d, 1) for d in shape)
         seed = self.seed if seed is None else checks.seed("seed", seed)
         gen = torch.Generator("cpu").manual_seed(seed)
-        return torch.randn((self.steps + 1, *image_shape), generator=gen, dtype=torch.float32)
+        return torch.randn((self.steps + 1, *shape), generator=gen, dtype=torch.float32)
 
     def _noise(self, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         shape = (self.steps + 1, *x.shape[1:])
