@@ -8,10 +8,23 @@ import torch
 from torch.nn import functional as F
 
 from pursamere_fast import PurifyConfig
-from pursamere_fast.attacks import (AttackSpec, Defence, FreshNoisePurifier, IdentityPurifier,
-                                    PurifiedClassifier, StraightThrough, VotingClassifier, attack_loss,
-                                    cosine_per_sample, input_gradients, pgd, project_l1, run_attack, wilson_interval)
-from pursamere_fast.attacks import toy
+from pursamere_fast.attacks import (
+    AttackSpec,
+    Defence,
+    FreshNoisePurifier,
+    IdentityPurifier,
+    PurifiedClassifier,
+    StraightThrough,
+    VotingClassifier,
+    attack_loss,
+    cosine_per_sample,
+    input_gradients,
+    pgd,
+    project_l1,
+    run_attack,
+    toy,
+    wilson_interval,
+)
 from pursamere_fast.purifiers import ADPPurifier
 
 P = {"linf": math.inf, "l2": 2, "l1": 1}

@@ -7,7 +7,6 @@ import pytest
 from test_data import write_fashion
 
 from pursamere_fast import cli
-from pursamere_fast.attacks import sweep
 from pursamere_fast.attacks.loading import load_toml
 from pursamere_fast.commands import options
 from pursamere_fast.commands import sweep as sweep_command

@@ -10,12 +10,12 @@ from test_data import write_fashion
 
 from pursamere_fast import cli
 from pursamere_fast.attacks.sweep import validation_split
+from pursamere_fast.commands.options import ArgumentParser
+from pursamere_fast.commands.training import load_datasets
 from pursamere_fast.config import geometric_sigmas
 from pursamere_fast.data import load_fashion_mnist
 from pursamere_fast.nets import ConvScoreNet, NCSNv2ScoreNet, UNetScoreNet, load_net, save_net
 from pursamere_fast.train import CHECKPOINT, ResumeError, train_score
-from pursamere_fast.commands.options import ArgumentParser
-from pursamere_fast.commands.training import load_datasets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

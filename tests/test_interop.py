@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from pursamere_fast import Purifier, PurifyConfig
-from pursamere_fast.attacks import FreshNoisePurifier, PurifiedClassifier, pgd
-from pursamere_fast.attacks import toy
+from pursamere_fast.attacks import FreshNoisePurifier, PurifiedClassifier, pgd, toy
 
 torchattacks = pytest.importorskip("torchattacks", reason="install with `pip install --no-deps torchattacks`")
 

@@ -10,7 +10,13 @@ import pursamere_fast
 from pursamere_fast import data
 from pursamere_fast.nets import ConvScoreNet, SmallCNN, UNetScoreNet
 from pursamere_fast.pretrained import (
-    CONFIG_FILE, RELEASES, TEST_SUBSET_FILE, fashion_mnist, fashion_mnist_v1, recommended_config_dict)
+    CONFIG_FILE,
+    RELEASES,
+    TEST_SUBSET_FILE,
+    fashion_mnist,
+    fashion_mnist_v1,
+    recommended_config_dict,
+)
 
 # Measured on the shipped files (MODEL_CARD.md) on these 1,000 images: 89.7% ("protocol") and
 # 91.0% ("v1"). The margin only absorbs platform float differences; the files are fixed.

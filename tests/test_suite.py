@@ -7,9 +7,16 @@ import torch
 
 from pursamere_fast import PurifyConfig
 from pursamere_fast.attacks import AttackSpec, Defence, read_rows, toy
+from pursamere_fast.attacks.suite import (
+    CLEAN,
+    default_suite,
+    paired_robust,
+    robust_per_image,
+    run_suite,
+    suite_markdown,
+    summarise_suite,
+)
 from pursamere_fast.commands.evaluate import main_evaluate
-from pursamere_fast.attacks.suite import (CLEAN, default_suite, paired_robust, robust_per_image, run_suite,
-                                          summarise_suite, suite_markdown)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

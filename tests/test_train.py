@@ -12,13 +12,20 @@ import torch
 import torch.nn.functional as F
 
 import pursamere_fast
-from pursamere_fast.config import geometric_sigmas
-from pursamere_fast.nets import ConvScoreNet, SmallCNN, load_net
 from pursamere_fast.commands.train_classifier import main_train_classifier
 from pursamere_fast.commands.train_score import main_train_score
+from pursamere_fast.config import geometric_sigmas
+from pursamere_fast.nets import ConvScoreNet, SmallCNN, load_net
 from pursamere_fast.train import (
-    CHECKPOINT, LOSS_LOG, LOSS_PNG, evaluate_classifier, evaluate_denoiser, score_matching_loss, train_classifier,
-    train_score)
+    CHECKPOINT,
+    LOSS_LOG,
+    LOSS_PNG,
+    evaluate_classifier,
+    evaluate_denoiser,
+    score_matching_loss,
+    train_classifier,
+    train_score,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SIGMAS = geometric_sigmas(1.0, 0.05, 4)

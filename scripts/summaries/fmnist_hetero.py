@@ -20,7 +20,7 @@ import sys
 
 from pursamere_fast.attacks.rows import read_run
 from pursamere_fast.attacks.stats import wilson_interval
-from pursamere_fast.attacks.suite import CLEAN, paired_robust, robust_per_image, summarise_rows, suite_markdown
+from pursamere_fast.attacks.suite import CLEAN, paired_robust, robust_per_image, suite_markdown, summarise_rows
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "results", "fmnist", "hetero")
 SUITE = os.path.join(HERE, "..", "suite")

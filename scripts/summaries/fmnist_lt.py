@@ -114,7 +114,8 @@ def main(directory: Path) -> None:
     rows = {o: sorted((r for r in runs if r["optimizer"] == o), key=lambda r: r["seed"]) for o in ORDER}
     first = runs[0]
     counts = first["train_class_counts"]
-    settings = "; ".join(f"{LABEL[o]} " + ", ".join(f"{k}={v}" for k, v in rows[o][0]["settings"].items() if k != "name")
+    settings = "; ".join(f"{LABEL[o]} " + ", ".join(f"{k}={v}" for k, v in rows[o][0]["settings"].items()
+                                                    if k != "name")
                          for o in ORDER if rows[o])
     tail = next((r["tail_classes"] for r in runs if r["tail_classes"]), None)
     buckets = {b: [c for c, n in enumerate(counts) if bucket_of(n) == b] for b in ("Many", "Medium", "Few")}
