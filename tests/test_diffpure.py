@@ -437,3 +437,41 @@ def test_diffpure_defence_kind_under_every_threat():
         build_defence("diffpure", {"stpes": 2}, DefenceContext(score=score))
     with pytest.raises(ValueError, match="t_star"):
         build_defence("diffpure", {"t_star": 2.0}, DefenceContext(score=score))
+
+
+def test_rand_autoattack_check_on_fresh_noise(tmp_path):
+    """DiffPure's own 'rand' AutoAttack check: APGD-CE + APGD-DLR with EoT over fresh draws of
+    the purifier, judged on a fresh draw, against a suite run of the stochastic threat."""
+    from pursamere_fast.attacks import AttackSpec, Defence, toy
+    from pursamere_fast.attacks.defences import DefenceContext, build_defence
+    from pursamere_fast.attacks.suite import autoattack_check, autoattack_markdown, run_suite
+
+    clf = toy.make_classifier(train_steps=60)
+    data = toy.synthetic_data(8, seed=1)
+    inner = build_defence("diffpure", {"steps": 2}, DefenceContext(score=toy.make_score()), name="dp")
+    built = []
+
+    def recording(grad_mode, seed):
+        built.append((grad_mode, seed))
+        return inner.build(grad_mode, seed)
+
+    defence = Defence("dp", recording, inner.description)
+    out = str(tmp_path)
+    run_suite(clf, data, [defence], [AttackSpec("bpda_eot", eps=0.15, steps=2, alpha=0.05, eot=2)], out_dir=out,
+              batch_size=8, progress=False)
+    built.clear()
+    state = torch.random.get_rng_state()
+    r = autoattack_check(clf, data, defence, suite_dir=out, norm="linf", eps=0.15, threat="bpda_eot", eot=2,
+                         steps=2, batch_size=8, progress=False)
+    assert torch.equal(state, torch.random.get_rng_state()), "the caller's RNG must be left alone"
+    assert r["threat"] == "bpda_eot" and r["eot"] == 2 and r["n"] == 8
+    assert r["suite_robust"] - len(r["autoattack_only"]) == r["autoattack_robust"] - len(r["suite_only"])
+    # Every call of the attacked and the judging model is a fresh draw (a seed, never the fixed noise).
+    seeds = [s for _, s in built]
+    assert {m for m, _ in built} == {"bpda", "none"} and None not in seeds and len(set(seeds)) == len(seeds)
+    assert (tmp_path / "autoattack.dp.bpda_eot-eot2.jsonl").exists()
+    assert autoattack_check(clf, data, defence, suite_dir=out, norm="linf", eps=0.15, threat="bpda_eot", eot=2,
+                            steps=2, batch_size=8, progress=False) == r  # resumed from its rows
+    assert "EoT 2" in autoattack_markdown([r])
+    with pytest.raises(ValueError, match="threat"):
+        autoattack_check(clf, data, defence, suite_dir=out, norm="linf", eps=0.15, threat="eot")

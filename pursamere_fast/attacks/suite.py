@@ -380,7 +380,7 @@ def suite_markdown(summary: dict) -> str:
 
 def autoattack_check(classifier: nn.Module, data, defence: Defence, *, suite_dir: str, norm: str, eps: float,
                      threat: str = "bpda", steps: int = 100, seed: int = 0, batch_size: int = 64, mean=None,
-                     std=None, device=None, progress: bool = True) -> dict:
+                     std=None, device=None, progress: bool = True, eot: int = 20) -> dict:
     """AutoAttack's APGD-CE + APGD-DLR (pyautoattack, one restart each) against a finished suite.
 
     SPEC section 7's last sanity check: AutoAttack, run through the same gradient estimator on
@@ -392,22 +392,31 @@ def autoattack_check(classifier: nn.Module, data, defence: Defence, *, suite_dir
         defence: a defence of the suite (its rows in suite_dir say which images it judged).
         suite_dir: out_dir of a `run_suite` run.
         norm, eps: the suite's budget ("linf" or "l2").
-        threat: the gradient estimator AutoAttack differentiates ("bpda", "exact", ...).
+        threat: the gradient estimator AutoAttack differentiates ("bpda", "exact", ...), or a
+            stochastic threat ("bpda_eot", "exact_eot"): AutoAttack's 'rand' version as DiffPure
+            runs it, each gradient averaged over `eot` calls of a purifier that draws fresh
+            noise per call (`FreshNoisePurifier`, from `seed`), judged on a fresh draw; its rows
+            go to autoattack.<defence>.<threat>-eot<eot>.jsonl.
         steps: iterations of each APGD attack.
         seed: pyautoattack's seed.
         batch_size: images per AutoAttack call.
         progress: tqdm bar.
+        eot: EoT draws per gradient of the stochastic threats (pyautoattack's 'rand': 20).
 
     Returns:
-        {"defence", "n", "suite_robust", "autoattack_robust", "autoattack_only": indices that
-        AutoAttack broke and the suite did not, "suite_only": the reverse}.
+        {"defence", "n", "threat", "steps", "eot" (stochastic threats), "suite_robust",
+        "autoattack_robust", "autoattack_only": indices that AutoAttack broke and the suite did
+        not, "suite_only": the reverse}.
     """
     from pyautoattack import AutoAttack
 
-    from .threats import GRAD_MODE
+    from .threats import EOT_GRAD_MODE, GRAD_MODE
+    from .wrappers import FreshNoisePurifier
 
     checks.choice("norm", norm, ("linf", "l2"))
-    checks.choice("threat", threat, tuple(GRAD_MODE))
+    checks.choice("threat", threat, (*GRAD_MODE, *EOT_GRAD_MODE))
+    eot = checks.integer("eot", eot, 1)
+    stochastic = threat in EOT_GRAD_MODE
     rows = read_run(suite_dir)  # the merged rows, or the shards of a run still going or stopped
     by = {}
     for r in rows:
@@ -417,11 +426,19 @@ def autoattack_check(classifier: nn.Module, data, defence: Defence, *, suite_dir
     judged = sorted(i for i, rs in by.items() if set(rs) == labels)
     suite_robust = {i: by[i][CLEAN]["clean_correct"] and not any(r["broken"] for r in by[i].values())
                     for i in judged}
-    path = os.path.join(suite_dir, f"autoattack.{_safe(defence.name)}.jsonl")
+    tag = f".{threat}-eot{eot}" if stochastic else ""
+    path = os.path.join(suite_dir, f"autoattack.{_safe(defence.name)}{tag}.jsonl")
     store = RowStore(path, key=lambda r: r["index"])
     done = store.done
     device = eval_device(classifier, device)
-    target = defence.model(classifier, GRAD_MODE[threat], mean=mean, std=std)
+    if stochastic:
+        attacked = FreshNoisePurifier(lambda s: defence.build(EOT_GRAD_MODE[threat], s), seed)
+        target = defence.model(classifier, mean=mean, std=std, purifier=attacked)
+        # A separate seed stream, so the judging draw is not one the attacker saw (as run_attack).
+        judge = defence.model(classifier, mean=mean, std=std,
+                              purifier=FreshNoisePurifier(lambda s: defence.build("none", s), seed + 1))
+    else:
+        target = defence.model(classifier, GRAD_MODE[threat], mean=mean, std=std)
     todo = [i for i in judged if i not in done and by[i][CLEAN]["clean_correct"]]
     from tqdm.auto import tqdm
 
@@ -433,16 +450,19 @@ def autoattack_check(classifier: nn.Module, data, defence: Defence, *, suite_dir
             aa = AutoAttack(target, attacks=["apgd-ce", "apgd-dlr"], version="custom", eps=eps,
                             norm={"linf": "Linf", "l2": "L2"}[norm], seed=seed, device=device)
             aa.apgd.n_restarts, aa.apgd.n_iter = 1, steps
+            if stochastic:  # the 'rand' version: EoT over the purifier's fresh draws
+                aa.apgd.eot_iter = eot
             aa.logger.disabled = True
             with torch.random.fork_rng(devices=[]):  # pyautoattack seeds the global RNG
                 x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=len(batch))
-            pred = clean_predictions(defence, classifier, x_adv, mean=mean, std=std).tolist()
+            pred = (predict(judge, x_adv) if stochastic else
+                    clean_predictions(defence, classifier, x_adv, mean=mean, std=std)).tolist()
             store.append({"index": i, "adv_pred": pred[j], "broken": pred[j] != int(y[j])} for j, i in enumerate(batch))
     aa_robust = {i: by[i][CLEAN]["clean_correct"] and not done.get(i, {}).get("broken", False) for i in judged
                  if i in done or not by[i][CLEAN]["clean_correct"]}
     common = sorted(aa_robust)
     return {"defence": defence.name, "n": len(common), "threat": threat, "steps": steps,
-            "suite_robust": sum(suite_robust[i] for i in common),
+            **({"eot": eot} if stochastic else {}), "suite_robust": sum(suite_robust[i] for i in common),
             "autoattack_robust": sum(aa_robust[i] for i in common),
             "autoattack_only": [i for i in common if suite_robust[i] and not aa_robust[i]],
             "suite_only": [i for i in common if aa_robust[i] and not suite_robust[i]]}
@@ -452,7 +472,8 @@ def autoattack_markdown(results: Sequence[dict]) -> str:
     """Markdown of `autoattack_check` results, one row per defence."""
     lines = ["", "| AutoAttack check | n | suite robust | AutoAttack robust | only AutoAttack broke "
              "| only the suite broke |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['defence']} ({r['threat']}, APGD-CE + APGD-DLR x {r['steps']}) | {r['n']} | {r['suite_robust']} "
+    lines += [f"| {r['defence']} ({r['threat']}, APGD-CE + APGD-DLR x {r['steps']}"
+              f"{', EoT ' + str(r['eot']) if 'eot' in r else ''}) | {r['n']} | {r['suite_robust']} "
               f"| {r['autoattack_robust']} | {len(r['autoattack_only'])} | {len(r['suite_only'])} |" for r in results]
     return "\n".join(lines) + "\n"
 
