@@ -140,6 +140,12 @@ def build_defence(kind: str, settings: Mapping | None = None, context: DefenceCo
     return k.build(settings, context, name or kind)
 
 
+def settings_cost(kind: str, settings: Mapping) -> int:
+    """Score evaluations per purified image of a kind at these settings, without a score model
+    (for selection rules that compare configurations before any is built)."""
+    return get_kind(kind).cost({"kind": kind, **settings})
+
+
 def cost(description: Mapping) -> int:
     """Score evaluations per purified image of a Defence, from its description's "kind"."""
     kind = description.get("kind", "none")
@@ -180,6 +186,7 @@ def _adp_check(settings):
 
     # The defence passes score and grad_mode itself.
     check_keywords("ADPPurifier", ADPPurifier, settings, exclude=("score", "grad_mode"))
+    ADPPurifier(lambda y, sigma: y, **settings)  # its checks of the values; the stand-in score is not called
 
 
 def _adp(settings, context, name):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..attacks.defences import check_settings
+from ..attacks.defences import check_settings, settings_cost
 from ..attacks.stats import format_accuracy
 from ..attacks.sweep import choose_config
 from .spec import CLEAN, GROUPS, REQUIRED_GROUPS, WORST, numeric
@@ -13,10 +13,9 @@ from .spec import CLEAN, GROUPS, REQUIRED_GROUPS, WORST, numeric
 
 def _grid(config: Mapping) -> dict[str, tuple[str, dict, int]]:
     """{name: (group, the entry's fields, score evaluations per purification)} of the config's
-    PurSAMERE and ADP [[defence]] entries, each over its kind's base table."""
+    PurSAMERE and ADP [[defence]] entries, each over its kind's base table (costs and checks
+    from the defence-kind registry)."""
     from pursamere_fast import PurifyConfig
-
-    from ..purifiers import ADPPurifier
 
     bases = {kind: numeric(config.get(kind, {})) for kind in ("pursamere", "adp")}
     points = {}
@@ -25,19 +24,15 @@ def _grid(config: Mapping) -> dict[str, tuple[str, dict, int]]:
         if kind not in bases:
             continue
         fields = numeric({k: v for k, v in e.items() if k not in ("name", "kind")})
+        settings = {**bases[kind], **fields}
+        group = kind
         if kind == "pursamere":
-            cfg = PurifyConfig().with_overrides(**{**bases[kind], **fields})
-            points[e["name"]] = ("sam" if cfg.sam_radius > 0 else "nosam", fields, cfg.score_evaluations)
-        else:
-            # One score evaluation per ascent step. ADPPurifier checks the fields and knows the
-            # default steps; the identity stands in for the score, which it does not call here.
-            settings = {**bases[kind], **fields}
-            try:
-                check_settings("adp", settings)
-            except ValueError as err:
-                raise ValueError(f"[[defence]] {e['name']!r}: {err}") from None
-            adp = ADPPurifier(lambda y, sigma: y, **settings)
-            points[e["name"]] = ("adp", fields, adp.steps)
+            group = "sam" if PurifyConfig().with_overrides(**settings).sam_radius > 0 else "nosam"
+        try:
+            check_settings(kind, settings)
+        except ValueError as err:
+            raise ValueError(f"[[defence]] {e['name']!r}: {err}") from None
+        points[e["name"]] = (group, fields, settings_cost(kind, settings))
     return points
 
 
