@@ -19,7 +19,7 @@ import shutil
 import sys
 
 from pursamere_fast.attacks.rows import read_run
-from pursamere_fast.attacks.stats import wilson_interval
+from pursamere_fast.attacks.stats import format_accuracy, wilson_interval
 from pursamere_fast.attacks.suite import CLEAN, paired_robust, robust_per_image, suite_markdown, summarise_rows
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "results", "fmnist", "hetero")
@@ -56,8 +56,7 @@ def _cpu(rows, defence, members=None):
 
 
 def _pct(k, n):
-    lo, hi = wilson_interval(k, n)
-    return f"{100 * k / n:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return format_accuracy(k / n, wilson_interval(k, n))
 
 
 def main():
