@@ -1,6 +1,6 @@
 """Cost per purified image of each purifier (ms), same process, 1 thread, batch 32, 3 alternated rounds.
 
-    OMP_NUM_THREADS=1 python results/fmnist/hetero/cost.py
+    OMP_NUM_THREADS=1 python scripts/hetero_cost.py
 """
 
 import json

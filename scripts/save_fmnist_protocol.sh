@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Copy a protocol run's work back here, to be committed before a session stops:
+# Copy a protocol run's work back to results/fmnist_protocol, to be committed before a session stops:
 #
-#   results/fmnist_protocol/save.sh [RUN_DIR]     # default runs/fmnist_protocol
+#   scripts/save_fmnist_protocol.sh [RUN_DIR]     # default runs/fmnist_protocol
 #
 # Everything the driver cannot re-create comes: the stages' checkpoints, rows (flushed per
 # batch, so a running stage's partial rows too), logs. Left out: the suite's adversarial
@@ -14,7 +14,7 @@
 set -euo pipefail
 src=${1:-runs/fmnist_protocol}
 [ -d "$src" ] || { echo "$0: error: RUN_DIR: no such directory: $src" >&2; exit 2; }
-here=$(cd "$(dirname "$0")" && pwd)
+here=$(cd "$(dirname "$0")/../results/fmnist_protocol" && pwd)
 # A mirror: each directory here that the run has is replaced by the run's, so that rank shards
 # a finished job merged into rows.jsonl do not stay behind beside it.
 for d in "$src"/*/; do
