@@ -56,8 +56,8 @@ train() {
 # "bpda" is the exact gradient), then Square (1,000 queries) on the images no gradient attack
 # broke, so that what Square breaks is exactly the masking signal: images the gradient
 # attacks missed although they are not robust.
-suite() {  # name eps_label eps
-  local name=$1 label=$2 eps=$3 dir="$OUT/eval/$1_$2"
+suite() {  # name eps_label eps alpha (numbers or fractions such as "8/255")
+  local name=$1 label=$2 eps=$3 alpha=$4 dir="$OUT/eval/$1_$2"
   mkdir -p "$dir"
   cat > "$dir/config.toml" <<TOML
 classifier = "$OUT/$name/classifier.safetensors"
@@ -69,26 +69,26 @@ n = ${N:-500}
 batch_size = 250
 [[attack]]
 threat = "bpda"
-eps = $eps
+eps = "$eps"
 steps = 100
-alpha = $(python -c "print($eps / 4)")
+alpha = "$alpha"
 [[attack]]
 threat = "bpda"
 attack = "apgd"
 loss = "ce"
-eps = $eps
+eps = "$eps"
 steps = 100
 [[attack]]
 threat = "bpda"
 attack = "apgd"
 loss = "dlr"
-eps = $eps
+eps = "$eps"
 steps = 100
 [[attack]]
 threat = "blackbox"
 attack = "square"
 loss = "cw"
-eps = $eps
+eps = "$eps"
 steps = ${SQUARE:-1000}
 TOML
   log "start eval $name $label"
@@ -100,8 +100,8 @@ TOML
 evaluate_all() {
   for name in ${RUNS:-standard gradpen pgdat lfr}; do
     [ -f "$OUT/$name/classifier.safetensors" ] || { log "skip eval $name: not trained"; continue; }
-    suite "$name" eps0.1 0.1
-    suite "$name" eps8 0.03137254901960784
+    suite "$name" eps0.1 0.1 0.025     # PGD's fixed step eps / 4
+    suite "$name" eps8 8/255 2/255
   done
 }
 
