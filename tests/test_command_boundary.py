@@ -125,3 +125,15 @@ def test_the_package_runs_as_a_module():
     proc = subprocess.run([sys.executable, "-m", "pursamere_fast.cli", "--help"], capture_output=True, text=True,
                           check=False, timeout=120)
     assert proc.returncode == 0 and "summarise" in proc.stdout
+
+
+def test_harness_files_stay_under_600_lines():
+    long = {name: n for name, path in MODULES.items() if name.startswith(HARNESS)
+            and (n := len(path.read_text().splitlines())) > 600}
+    assert not long, long
+
+
+def test_results_hold_no_adversarial_examples():
+    # Suite runs write them to their run directory (results/README.md says how to regenerate them).
+    found = [str(p.relative_to(ROOT)) for p in (ROOT / "results").rglob("adv") if p.is_dir()]
+    assert not found, found
