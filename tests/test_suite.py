@@ -20,7 +20,7 @@ from pursamere_fast.commands.evaluate import main_evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-EPS = 0.15  # big enough on the toy task that some members break images and some do not
+EPS = 0.08  # on the toy task some members break images and some do not (7 of 24 survive all on an Intel Xeon, 0 at 0.15)
 
 
 @pytest.fixture(scope="module")
