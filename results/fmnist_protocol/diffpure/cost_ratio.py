@@ -1,0 +1,21 @@
+import time, torch
+torch.set_num_threads(1)
+from pursamere_fast import purify
+from pursamere_fast.pretrained import fashion_mnist
+from pursamere_fast.purifiers import DiffPurePurifier
+d = fashion_mnist()
+x = d.images[:32]
+fns = {"pursamere_default": lambda: purify(x, d.score, d.config),
+       "diffpure_S20": (lambda p: (lambda: p(x)))(DiffPurePurifier(d.score, t_star=0.1, steps=20)),
+       "diffpure_S50": (lambda p: (lambda: p(x)))(DiffPurePurifier(d.score, t_star=0.1, steps=50))}
+for f in fns.values():
+    with torch.no_grad(): f()  # warm-up
+times = {k: [] for k in fns}
+for r in range(3):
+    for k, f in fns.items():
+        t = time.perf_counter()
+        with torch.no_grad(): f()
+        times[k].append(time.perf_counter() - t)
+for k, v in times.items():
+    s = sorted(v)
+    print(f"{k}: median {s[1]:.3f} s min {s[0]:.3f} s  rounds {[round(t,3) for t in v]}  ratio-to-default(median) {s[1]/sorted(times['pursamere_default'])[1]:.2f}")

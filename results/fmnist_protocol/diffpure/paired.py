@@ -1,0 +1,164 @@
+"""Issue 41, item 3: the tables of results/fmnist_protocol/diffpure/README.md from the rows on disk.
+
+    python results/fmnist_protocol/diffpure/paired.py select RUN_DIR   # the rule on the DiffPure grid
+    python results/fmnist_protocol/diffpure/paired.py main RUN_DIR     # paired with test/aug/main
+    python results/fmnist_protocol/diffpure/paired.py suite RUN_DIR    # paired with test/aug/suite
+    python results/fmnist_protocol/diffpure/paired.py eot RUN_DIR      # the fresh-noise (BPDA+EoT) rows
+
+Every test is on the images both runs have (the first n test images), exact McNemar
+(`attacks.stats.paired_robust`), 95% Wilson intervals (`attacks.stats.wilson_interval`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from collections import defaultdict
+
+from pursamere_fast.attacks.rows import read_run
+from pursamere_fast.attacks.stats import paired_robust, wilson_interval
+from pursamere_fast.attacks.suite import summarise_dir
+from pursamere_fast.attacks.sweep import choose_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROTOCOL = os.path.join(HERE, "..")
+AUG_MAIN = os.path.join(PROTOCOL, "test", "aug", "main")
+AUG_SUITE = os.path.join(PROTOCOL, "test", "aug", "suite")
+NAMES = {"pursamere-nosam-rho12": "PurSAMERE default", "pursamere-nosam": "PurSAMERE default",
+         "pursamere-sam": "PurSAMERE, SAM on", "adp": "ADP (sigma 0.025)", "none": "undefended"}
+
+
+def acc(k: int, n: int) -> str:
+    lo, hi = wilson_interval(k, n)
+    return f"{100 * k / n:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def pair_line(label: str, a: dict, b: dict) -> str:
+    t = paired_robust(a, b)
+    return (f"| {label} | {t['n']} | {t['a']} vs {t['b']} | {t['a_only']} vs {t['b_only']} | {t['p']:.2g} |")
+
+
+def select(run: str) -> None:
+    with open(os.path.join(PROTOCOL, "..", "..", "configs", "fmnist_protocol.toml"), "rb") as f:
+        rule = tomllib.load(f)["selection"]
+    with open(os.path.join(PROTOCOL, "..", "..", "configs", "fmnist_select_diffpure.toml"), "rb") as f:
+        config = tomllib.load(f)
+    summary = summarise_dir(run)
+    costs = {e["name"]: e["steps"] for e in config["defence"] if e["kind"] == "diffpure"}
+    entries = []
+    for e in summary["defences"]:
+        entries += [{"defence": e["defence"], "attack": "clean", "n": e["n"], "clean_acc": e["clean_acc"],
+                     "robust_acc": e["clean_acc"], "robust_ci": e["clean_ci"]},
+                    {"defence": e["defence"], "attack": "worst", "n": e["n"], "clean_acc": e["clean_acc"],
+                     "robust_acc": e["robust_acc"], "robust_ci": e["robust_ci"]}]
+    ns = {e["defence"]: e["n"] for e in summary["defences"]}
+    res = choose_config(entries, costs, undefended="none", clean="clean", robust="worst", tiebreak="clean",
+                        clean_tol=rule["clean_tol"], robust_tol=rule["robust_tol"])
+    print(f"Rule (configs/fmnist_protocol.toml [selection]): clean accuracy at least the undefended "
+          f"classifier's {100 * res['undefended_clean']:.1f}% less {100 * res['allowed_drop']:.1f} pp "
+          f"(clean_tol {rule['clean_tol']}, or one image); among those, the cheapest (score calls per "
+          f"purification = S) whose worst case is within {100 * rule['robust_tol']:.1f} pp of the best eligible "
+          f"worst case ({100 * res['best_robust']:.1f}%); ties: higher worst case, then higher clean accuracy. "
+          f"n per point: {sorted(set(ns.values()))}.\n")
+    print("| point | S (score calls) | n | clean % | worst-case robust % [95% CI] | eligible | within tol | chosen |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in res["rows"]:
+        near = r["eligible"] and r["robust_acc"] >= res["best_robust"] - rule["robust_tol"] - 1e-12
+        lo, hi = r["robust_ci"]
+        print(f"| {r['defence']} | {r['cost']} | {r['n']} | {100 * r['clean_acc']:.1f} | "
+              f"{100 * r['robust_acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | {'yes' if r['eligible'] else 'no'} | "
+              f"{'yes' if near else 'no'} | {'**yes**' if r['defence'] == res['chosen'] else ''} |")
+    print(f"\nchosen: {res['chosen']}")
+
+
+def main_maps(run: str) -> dict:
+    """{(defence, threat): {index: correct}} of a non-suite run; threat 'clean', 'gpgd', 'bpda', 'worst'."""
+    out = defaultdict(dict)
+    for r in read_run(run):
+        t = r["threat"]
+        out[(r["defence"], t)][r["index"]] = bool(r["robust_correct"] if t != "clean" else r["clean_correct"])
+    for d in {d for d, _ in out}:
+        g, b = out.get((d, "gpgd"), {}), out.get((d, "bpda"), {})
+        out[(d, "worst")] = {i: g[i] and b[i] for i in set(g) & set(b)}
+    return out
+
+
+def main(run: str) -> None:
+    ours = main_maps(run)
+    theirs = main_maps(AUG_MAIN)
+    dp = sorted({d for d, _ in ours})
+    for d in dp:
+        n = min(len(ours[(d, t)]) for t in ("clean", "gpgd", "bpda"))
+        idx = set(range(n))
+        print(f"\n### {d}: first n = {n} test images (indices 0-{n - 1})\n")
+        print("| defence | n | clean % [95% CI] | gPGD-20 % | BPDA-det-20 % | worst of the two % |")
+        print("|---|---|---|---|---|---|")
+        rows = [(d, ours)] + [(o, theirs) for o in ("pursamere-nosam-rho12", "adp", "none")]
+        for name, src in rows:
+            cells = []
+            for t in ("clean", "gpgd", "bpda", "worst"):
+                m = {i: v for i, v in src[(name, t)].items() if i in idx}
+                cells.append(acc(sum(m.values()), len(m)))
+            print(f"| {NAMES.get(name, name)} | {n} | " + " | ".join(cells) + " |")
+        print("\nPaired, exact McNemar (a = DiffPure; 'a vs b' robust counts; discordant a-only vs b-only):\n")
+        print("| comparison | n | robust a vs b | discordant | p |")
+        print("|---|---|---|---|---|")
+        for o in ("pursamere-nosam-rho12", "adp"):
+            for t, lab in (("bpda", "BPDA-det-20"), ("gpgd", "gPGD-20"), ("worst", "worst of the two"),
+                           ("clean", "clean")):
+                a = {i: v for i, v in ours[(d, t)].items() if i in idx}
+                b = {i: v for i, v in theirs[(o, t)].items() if i in idx}
+                print(pair_line(f"DiffPure vs {NAMES[o]}, {lab}", a, b))
+
+
+def suite_maps(run: str, skip=()) -> dict:
+    """{defence: {index: robust under every member}} of a suite run (members in `skip` ignored)."""
+    rows = read_run(run)
+    clean, broken, seen = {}, defaultdict(bool), defaultdict(set)
+    for r in rows:
+        if r["attack"] == "clean":
+            clean[(r["defence"], r["index"])] = bool(r["clean_correct"])
+        elif r["attack"] not in skip:
+            broken[(r["defence"], r["index"])] |= bool(r["broken"])
+        seen[(r["defence"], r["index"])].add(r["attack"])
+    n_members = {d: max(len(seen[k]) for k in seen if k[0] == d) for d, _ in seen}
+    out = defaultdict(dict)
+    for (d, i), c in clean.items():
+        if len(seen[(d, i)]) == n_members[d]:  # finished images only
+            out[d][i] = c and not broken[(d, i)]
+    return out
+
+
+def suite(run: str) -> None:
+    ours, theirs = suite_maps(run), suite_maps(AUG_SUITE)
+    theirs_nt = suite_maps(AUG_SUITE, skip=("transfer",))
+    for d, m in ours.items():
+        idx = sorted(m)
+        n = len(idx)
+        assert idx == list(range(n)), "the suite rows are not the first n images"
+        print(f"\n### {d}: the suite's worst case, first n = {n} test images\n")
+        print("| defence | n | worst-case robust % [95% CI] |")
+        print("|---|---|---|")
+        print(f"| DiffPure ({d}) | {n} | {acc(sum(m.values()), n)} |")
+        for o in ("pursamere-nosam", "pursamere-sam", "adp"):
+            b = {i: theirs[o][i] for i in idx}
+            print(f"| {NAMES[o]} | {n} | {acc(sum(b.values()), n)} |")
+        print("\n| comparison | n | robust a vs b | discordant | p |")
+        print("|---|---|---|---|---|")
+        for o in ("pursamere-nosam", "pursamere-sam", "adp"):
+            print(pair_line(f"DiffPure vs {NAMES[o]}", m, {i: theirs[o][i] for i in idx}))
+            print(pair_line(f"DiffPure vs {NAMES[o]} (its transfer member left out)", m,
+                            {i: theirs_nt[o][i] for i in idx}))
+
+
+def eot(run: str) -> None:
+    from pursamere_fast.attacks.sweep import collect
+
+    for e in collect([run]):
+        print(f"| {e['defence']} | {e['attack']} | {e['n']} | {acc(e['clean_correct'], e['n'])} | "
+              f"{acc(e['robust_correct'], e['n'])} |")
+
+
+if __name__ == "__main__":
+    {"select": select, "main": main, "suite": suite, "eot": eot}[sys.argv[1]](sys.argv[2])
