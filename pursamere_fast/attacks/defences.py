@@ -124,6 +124,49 @@ def check_settings(kind: str, settings: Mapping) -> None:
         k.check(settings)
 
 
+@dataclass(frozen=True)
+class DefenceEntry:
+    """One named defence of a config: an entry of a TOML [[defence]] array, or a kind named alone.
+
+    Attributes:
+        name: its label in the results.
+        kind: a registered kind.
+        settings: the kind's keyword arguments given with the entry (over the kind's table).
+    """
+
+    name: str
+    kind: str
+    settings: Mapping = dataclasses.field(default_factory=dict)
+
+
+def defence_entries(entries) -> list[DefenceEntry]:
+    """The entries of a TOML [[defence]] array: tables with a unique non-empty `name`, a
+    registered `kind`, and that kind's settings.
+
+    Raises:
+        ValueError: naming the entry, for an empty array, a missing name or kind, a name used
+            twice, or settings given to kind "none".
+    """
+    if not entries:
+        raise ValueError("[[defence]] must be a non-empty array of tables")
+    kinds = kind_names()
+    out = []
+    for i, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise ValueError(f"[[defence]] entry {i} must be a table with a non-empty string 'name', got {entry!r}")
+        settings = dict(entry)
+        name, kind = settings.pop("name"), settings.pop("kind", None)
+        if kind not in kinds:
+            raise ValueError(f"[[defence]] entry {i} ({name!r}): kind must be one of {', '.join(kinds)}, "
+                             f"got {kind!r}")
+        if kind == "none" and settings:
+            raise ValueError(f"[[defence]] entry {i} ({name!r}): kind 'none' takes no settings, got {settings}")
+        if name in (e.name for e in out):
+            raise ValueError(f"[[defence]] entry {i}: name {name!r} is used twice")
+        out.append(DefenceEntry(name, kind, settings))
+    return out
+
+
 def build_defence(kind: str, settings: Mapping | None = None, context: DefenceContext | None = None, *,
                   name: str | None = None) -> Defence:
     """The `Defence` of kind `kind` called `name` (default: the kind's name).

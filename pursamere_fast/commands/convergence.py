@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from ..attacks.convergence import convergence_markdown, run_convergence
+from ..attacks.defences import DefenceEntry
 from ..attacks.sweep import validation_split
 from ..attacks.threats import GRAD_MODE
 from .harness import DEFENCES, build_common, build_defences, harness_parser, parse_with_config
@@ -26,7 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "--data")
     args, cfg = parse_with_config(p, argv)
     common = build_common(p, args, cfg)
-    (defence,) = build_defences(p, [(args.defence, args.defence, {})], args, cfg, classifier=common["classifier"])
+    entry = DefenceEntry(args.defence, args.defence)
+    (defence,) = build_defences(p, [entry], args, cfg, classifier=common["classifier"])
     data, indices = common["data"], common["indices"]
     if args.validation:
         data = validation_split(args.validation)

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import checks
-from ..attacks.defences import KINDS, DefenceContext, build_defence, kind_names
+from ..attacks.defences import KINDS, DefenceContext, DefenceEntry, build_defence, kind_names
+from ..attacks.defences import defence_entries as parse_defence_entries
 from ..attacks.loading import key_values, load_model, load_object, load_purify_config, load_toml
 from ..attacks.pgd import NORMS
 from ..attacks.rows import data_size, take
@@ -177,48 +178,33 @@ def score_dtype(args):
     return torch.bfloat16 if args.score_dtype == "bfloat16" else None
 
 
-def defence_entries(p: argparse.ArgumentParser, args, cfg) -> list[tuple[str, str, dict]]:
-    """(name, kind, settings) of each defence: the config's [[defence]] array, else --defences."""
+def defence_entries(p: argparse.ArgumentParser, args, cfg) -> list[DefenceEntry]:
+    """The named defences: the config's [[defence]] array (`defences.defence_entries`), else --defences."""
     if "defence" not in cfg:
         names = "none,pursamere" if args.defences is None else args.defences
         if isinstance(names, str):
             names = listed(choice(DEFENCES))(names)
-        return [(kind, kind, {}) for kind in dict.fromkeys(names)]
+        return [DefenceEntry(kind, kind) for kind in dict.fromkeys(names)]
     if args.defences is not None:
         p.error("argument --defences: not allowed with a config's [[defence]] array, which names the defences")
-    out = []
     with option_errors(p, "--config"):
-        entries = cfg["defence"]
-        if not entries:
-            raise ValueError("[[defence]] must be a non-empty array of tables")
-        for i, entry in enumerate(entries, 1):
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
-                raise ValueError(f"[[defence]] entry {i} must be a table with a non-empty string 'name', got {entry!r}")
-            settings = dict(entry)
-            name, kind = settings.pop("name"), settings.pop("kind", None)
-            if kind not in DEFENCES:
-                raise ValueError(f"[[defence]] entry {i} ({name!r}): kind must be one of {', '.join(DEFENCES)}, "
-                                 f"got {kind!r}")
-            if kind == "none" and settings:
-                raise ValueError(f"[[defence]] entry {i} ({name!r}): kind 'none' takes no settings, got {settings}")
-            if name in (e[0] for e in out):
-                raise ValueError(f"[[defence]] entry {i}: name {name!r} is used twice")
-            out.append((name, kind, settings))
-    return out
+        return parse_defence_entries(cfg["defence"])
 
 
 def build_defences(p: argparse.ArgumentParser, entries, args, cfg, score=None, classifier=None) -> list[Defence]:
-    """The defences of `entries` ((name, kind, settings) as `defence_entries` gives; settings
-    override the kind's table and KEY=VALUE options), built by the registry of `defences`."""
+    """The defences of `entries` (`DefenceEntry`s; an entry's settings override the kind's table and
+    KEY=VALUE options), built by the registry of `defences`."""
     out = []
-    for name, kind, settings in entries:
+    for entry in entries:
+        kind = entry.kind
         if KINDS[kind].needs_score and score is None:
             score = load_score(p, args, cfg)
         base = base_config(p, args) if kind == "pursamere" else None
         context = DefenceContext(score, classifier, base, args.backend, score_dtype(args))
-        with option_errors(p, "--config" if settings else f"--{kind}"):
-            merged = {**key_values(cfg.get(kind)), **key_values(getattr(args, kind, None)), **key_values(settings)}
-            out.append(build_defence(kind, merged, context, name=name))
+        with option_errors(p, "--config" if entry.settings else f"--{kind}"):
+            merged = {**key_values(cfg.get(kind)), **key_values(getattr(args, kind, None)),
+                      **key_values(dict(entry.settings))}
+            out.append(build_defence(kind, merged, context, name=entry.name))
     return out
 
 

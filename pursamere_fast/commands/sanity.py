@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from ..attacks.defences import DefenceEntry
 from ..attacks.sanity import run_sanity, sanity_markdown
 from ..attacks.threats import Defence
 from .harness import (
@@ -41,7 +42,7 @@ def main_sanity(argv: Sequence[str] | None = None) -> int:
     args, cfg = parse_with_config(p, argv)
     common = build_common(p, args, cfg)
     score = None if args.defence == "none" else load_score(p, args, cfg)
-    (defence,) = build_defences(p, [(args.defence, args.defence, {})], args, cfg, score, common["classifier"])
+    (defence,) = build_defences(p, [DefenceEntry(args.defence, args.defence)], args, cfg, score, common["classifier"])
     rho_zero = None
     if args.defence == "pursamere":
         over = {**pursamere_overrides(cfg, args), "rho": 0.0}
