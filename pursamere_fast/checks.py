@@ -108,6 +108,17 @@ def function(name: str, value):
     return value
 
 
+def image_shape(name: str, value) -> tuple[int, int, int]:
+    """An image shape (C, H, W) of three positive integers; returned as a tuple of ints."""
+    try:
+        shape = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be (C, H, W), got {value!r}") from None
+    if len(shape) != 3:
+        raise ValueError(f"{name} must be (C, H, W), got {shape}")
+    return tuple(integer(f"{name} entries", d, 1) for d in shape)
+
+
 def images(name: str, x, *, allow_empty: bool = False) -> torch.Tensor:
     """A (B, C, H, W) floating tensor with finite values in [0, 1] (within IMAGE_SLACK).
 

@@ -47,10 +47,7 @@ def make_noise(config: PurifyConfig, image_shape, device=None, dtype=None) -> to
     """
     if not isinstance(config, PurifyConfig):
         raise ValueError(f"config must be a PurifyConfig, got {type(config).__name__}")
-    image_shape = tuple(image_shape)
-    if len(image_shape) != 3:
-        raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
-    image_shape = tuple(checks.integer("image_shape entries", d, 1) for d in image_shape)
+    image_shape = checks.image_shape("image_shape", image_shape)
     gen = torch.Generator("cpu").manual_seed(config.seed)
     noise = torch.randn((config.num_steps, config.n_samples, *image_shape), generator=gen, dtype=torch.float32)
     return noise.to(device=device if device is not None else "cpu", dtype=dtype or torch.float32)

@@ -180,10 +180,7 @@ class DiffPurePurifier(nn.Module):
         Raises:
             ValueError: image_shape is not three positive integers, or a bad seed.
         """
-        shape = tuple(image_shape)
-        if len(shape) != 3:
-            raise ValueError(f"image_shape must be (C, H, W), got {shape}")
-        shape = tuple(checks.integer("image_shape entries", d, 1) for d in shape)
+        shape = checks.image_shape("image_shape", image_shape)
         seed = self.seed if seed is None else checks.seed("seed", seed)
         gen = torch.Generator("cpu").manual_seed(seed)
         return torch.randn((self.steps + 1, *shape), generator=gen, dtype=torch.float32)

@@ -413,10 +413,7 @@ class HeteroPurifier(nn.Module):
         Raises:
             ValueError: image_shape is not three positive integers, or a bad seed.
         """
-        shape = tuple(image_shape)
-        if len(shape) != 3:
-            raise ValueError(f"image_shape must be (C, H, W), got {shape}")
-        shape = tuple(checks.integer("image_shape entries", d, 1) for d in shape)
+        shape = checks.image_shape("image_shape", image_shape)
         return self._draw(shape, self.seed if seed is None else checks.seed("seed", seed), False)[0]
 
     def _draw(self, image_shape, seed, permutation):
