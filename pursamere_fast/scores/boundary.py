@@ -170,20 +170,24 @@ class ScoreCall:
 
     def __init__(self, score, *, double_backward: bool = False, name: str = "score"):
         self.score, self.double_backward, self.name = score, double_backward, name
-        self._bad: list[tuple[torch.Tensor, object, torch.Tensor]] = []
+        self._records: list[tuple[torch.Tensor, object, torch.Tensor]] = []
 
     def __call__(self, y: torch.Tensor, sigma: torch.Tensor, step=None) -> torch.Tensor:
         s = call_score(self.score, y, sigma, double_backward=self.double_backward, name=self.name)
-        self._bad.append((~torch.isfinite(s.detach()).all(), step, sigma.detach()[:1]))
+        # The sum is NaN/Inf exactly when an element is (a float32 or wider sum of a score cannot
+        # overflow), and one reduction is cheaper than isfinite's full-size mask: 16 of ~200 us
+        # per call on a tiny network (docs/diffpure.md).
+        total = s.detach().sum(dtype=torch.promote_types(s.dtype, torch.float32))
+        self._records.append((total, step, sigma.detach()[:1]))
         return s
 
     def raise_if_nonfinite(self) -> None:
         """Raise NonFiniteScoreError naming the first call (its step and sigma) whose output had
         NaN/Inf; one host sync. Clears the record."""
-        records, self._bad = self._bad, []
+        records, self._records = self._records, []
         if not records:
             return
-        flags = torch.stack([r[0] for r in records])
+        flags = ~torch.isfinite(torch.stack([r[0] for r in records]))
         if not bool(flags.any()):
             return
         i = int(flags.nonzero()[0])
