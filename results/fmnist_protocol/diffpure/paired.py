@@ -72,10 +72,13 @@ def select(run: str) -> None:
     print(f"\nchosen: {res['chosen']}")
 
 
-def main_maps(run: str) -> dict:
-    """{(defence, threat): {index: correct}} of a non-suite run; threat 'clean', 'gpgd', 'bpda', 'worst'."""
+def main_maps(run: str, norm: str = "linf") -> dict:
+    """{(defence, threat): {index: correct}} of a non-suite run's rows at `norm` (and the clean
+    rows); threat 'clean', 'gpgd', 'bpda', 'bpda_eot', 'worst' (of gpgd and bpda)."""
     out = defaultdict(dict)
     for r in read_run(run):
+        if r["threat"] != "clean" and r["norm"] != norm:
+            continue
         t = r["threat"]
         out[(r["defence"], t)][r["index"]] = bool(r["robust_correct"] if t != "clean" else r["clean_correct"])
     for d in {d for d, _ in out}:
@@ -153,11 +156,35 @@ def suite(run: str) -> None:
 
 
 def eot(run: str) -> None:
-    from pursamere_fast.attacks.sweep import collect
-
-    for e in collect([run]):
-        print(f"| {e['defence']} | {e['attack']} | {e['n']} | {acc(e['clean_correct'], e['n'])} | "
-              f"{acc(e['robust_correct'], e['n'])} |")
+    """Fresh-noise DiffPure and ADP under BPDA+EoT (this run, same images: paired), and beside them
+    the deterministic BPDA-det PGD-200 linf rows of test/aug/bpda200 (another threat model: the
+    PurSAMERE default and ADP judged with their fixed noise) on the same images."""
+    ours = main_maps(run)
+    theirs = main_maps(os.path.join(PROTOCOL, "test", "aug", "bpda200"))
+    lab = {"bpda_eot": "BPDA+EoT-20 PGD-50 (fresh noise)", "bpda": "BPDA-det PGD-200 (fixed noise)"}
+    n = min(len(v) for (d, t), v in ours.items() if t in ("clean", "bpda_eot"))
+    idx = set(range(n))
+    for (d, t), m in ours.items():
+        assert t not in ("clean", "bpda_eot") or set(range(n)) <= set(m), "not the first n images"
+    print(f"\nFirst n = {n} test images, linf 8/255, step 2/255\n")
+    print("| defence | threat | n | clean % [95% CI] | robust % [95% CI] |")
+    print("|---|---|---|---|---|")
+    cut = lambda m: {i: v for i, v in m.items() if i in idx}
+    for d in ("diffpure-t0.1-S20", "adp"):
+        c, r = cut(ours[(d, "clean")]), cut(ours[(d, "bpda_eot")])
+        print(f"| {NAMES.get(d, d)} ({d}) | {lab['bpda_eot']} | {n} | {acc(sum(c.values()), n)} | {acc(sum(r.values()), n)} |")
+    for d in ("pursamere-nosam", "adp"):
+        c, r = cut(theirs[(d, "clean")]), cut(theirs[(d, "bpda")])
+        print(f"| {NAMES.get(d, d)} (test/aug/bpda200) | {lab['bpda']} | {n} | {acc(sum(c.values()), n)} | "
+              f"{acc(sum(r.values()), n)} |")
+    print("\n| comparison | n | robust a vs b | discordant | p |")
+    print("|---|---|---|---|---|")
+    dp = cut(ours[("diffpure-t0.1-S20", "bpda_eot")])
+    print(pair_line("DiffPure vs ADP, both BPDA+EoT (fresh noise)", dp, cut(ours[("adp", "bpda_eot")])))
+    print(pair_line("DiffPure BPDA+EoT vs PurSAMERE default BPDA-det-200 (different threat models)", dp,
+                    cut(theirs[("pursamere-nosam", "bpda")])))
+    print(pair_line("ADP BPDA+EoT vs ADP BPDA-det-200 (fresh vs fixed noise)", cut(ours[("adp", "bpda_eot")]),
+                    cut(theirs[("adp", "bpda")])))
 
 
 if __name__ == "__main__":
