@@ -1,3 +1,6 @@
+"""Issue 41, item 3: the cost of one DiffPure purification (t* 0.1, S 20 and 50) against the
+PurSAMERE default's, the first 32 shipped test images, 3 alternating rounds after a warm-up, one
+process (run with OMP_NUM_THREADS=1). Its output is in results/fmnist_protocol/diffpure/README.md."""
 import time, torch
 torch.set_num_threads(1)
 from pursamere_fast import purify

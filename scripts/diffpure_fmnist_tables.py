@@ -1,9 +1,9 @@
-"""Issue 41, item 3: the tables of results/fmnist_protocol/diffpure/README.md from the rows on disk.
+"""Issue 41, item 3: the paired tables of results/fmnist_protocol/diffpure/README.md from the rows on disk.
 
-    python results/fmnist_protocol/diffpure/paired.py select RUN_DIR   # the rule on the DiffPure grid
-    python results/fmnist_protocol/diffpure/paired.py main RUN_DIR     # paired with test/aug/main
-    python results/fmnist_protocol/diffpure/paired.py suite RUN_DIR    # paired with test/aug/suite
-    python results/fmnist_protocol/diffpure/paired.py eot RUN_DIR      # the fresh-noise (BPDA+EoT) rows
+    python scripts/diffpure_fmnist_tables.py select RUN_DIR   # the rule on the DiffPure grid
+    python scripts/diffpure_fmnist_tables.py main RUN_DIR     # paired with test/aug/main
+    python scripts/diffpure_fmnist_tables.py suite RUN_DIR    # paired with test/aug/suite
+    python scripts/diffpure_fmnist_tables.py eot RUN_DIR      # the fresh-noise (BPDA+EoT) rows
 
 Every test is on the images both runs have (the first n test images), exact McNemar
 (`attacks.stats.paired_robust`), 95% Wilson intervals (`attacks.stats.wilson_interval`).
@@ -21,8 +21,8 @@ from pursamere_fast.attacks.stats import paired_robust, wilson_interval
 from pursamere_fast.attacks.suite import summarise_dir
 from pursamere_fast.attacks.sweep import choose_config
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PROTOCOL = os.path.join(HERE, "..")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+PROTOCOL = os.path.join(ROOT, "results", "fmnist_protocol")
 AUG_MAIN = os.path.join(PROTOCOL, "test", "aug", "main")
 AUG_SUITE = os.path.join(PROTOCOL, "test", "aug", "suite")
 NAMES = {"pursamere-nosam-rho12": "PurSAMERE default", "pursamere-nosam": "PurSAMERE default",
@@ -40,9 +40,9 @@ def pair_line(label: str, a: dict, b: dict) -> str:
 
 
 def select(run: str) -> None:
-    with open(os.path.join(PROTOCOL, "..", "..", "configs", "fmnist_protocol.toml"), "rb") as f:
+    with open(os.path.join(ROOT, "configs", "fmnist_protocol.toml"), "rb") as f:
         rule = tomllib.load(f)["selection"]
-    with open(os.path.join(PROTOCOL, "..", "..", "configs", "fmnist_select_diffpure.toml"), "rb") as f:
+    with open(os.path.join(ROOT, "configs", "fmnist_select_diffpure.toml"), "rb") as f:
         config = tomllib.load(f)
     summary = summarise_dir(run)
     costs = {e["name"]: e["steps"] for e in config["defence"] if e["kind"] == "diffpure"}
