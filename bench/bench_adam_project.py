@@ -13,7 +13,6 @@ import os
 import pytest
 import torch
 from conftest import synced
-
 from pursamere_fast.kernels import adam_project, adam_project_torch, use_triton
 from pursamere_fast.reference.adam_project import adam_project as adam_project_ref
 

@@ -12,7 +12,6 @@ import os
 import pytest
 import torch
 from conftest import synced
-
 from pursamere_fast.kernels import ere_residual, ere_residual_torch, use_triton
 from pursamere_fast.reference.ere_residual import ere_residual as ere_residual_ref
 

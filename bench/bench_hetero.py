@@ -16,9 +16,10 @@ import time
 import pytest
 import torch
 from conftest import TINY, synced
+from pursamere_fast.reference import hetero_reference
+
 from pursamere_fast.nets import ConvScoreNet, SmallCNN
 from pursamere_fast.purifiers import HeteroPurifier
-from pursamere_fast.reference import hetero_reference
 
 BATCH, RUNS = (2, 2) if TINY else (32, 5)
 SETTINGS = dict(t_l=40, t_s=20, resample_steps=3, grid_steps=100) if TINY else \

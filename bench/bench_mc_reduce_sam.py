@@ -13,7 +13,6 @@ import os
 import pytest
 import torch
 from conftest import synced
-
 from pursamere_fast.kernels import mc_reduce_sam, mc_reduce_sam_torch, use_triton
 from pursamere_fast.reference.mc_reduce_sam import mc_reduce_sam as mc_reduce_sam_ref
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import TINY, sync
+
 from pursamere_fast import PurifyConfig, purify
 from pursamere_fast.nets import ConvScoreNet
 

@@ -12,10 +12,10 @@ import statistics
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from bench_purify import interleaved, median_or_nan
 from conftest import TINY, sync
+from torch.utils.flop_counter import FlopCounterMode
+
 import pursamere_fast.graphs as graphs
 from pursamere_fast import purify
 from pursamere_fast.pretrained import fashion_mnist

@@ -10,10 +10,9 @@ stronger score candidates of `train-score --arch` (issue 13), with the same s = 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import json
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from kernel_checks import assert_2x, assert_equal
 from pursamere_fast.kernels import adam_project, adam_project_torch, use_triton
 from pursamere_fast.reference.adam_project import adam_project as adam_project_ref
@@ -128,7 +127,8 @@ def test_float64(device, shapes, norm):
                 assert_equal(f"torch {label}", out, ref)
         # float64 elementwise arithmetic: a few ulp at most (measured 7e-17 under the interpreter).
         for label, out, ref in (("x", xo, x64), ("m", mo, m64), ("v", vo, v64)):
-            torch.testing.assert_close(out.cpu(), ref, rtol=1e-15, atol=1e-15, msg=lambda s: f"{name} {label}: {s}")
+            torch.testing.assert_close(out.cpu(), ref, rtol=1e-15, atol=1e-15,
+                                       msg=lambda s, name=name, label=label: f"{name} {label}: {s}")
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -143,7 +143,7 @@ def test_first_step_moves_x_against_the_gradient(device, norm):
         step = (xo.cpu() - x_adv).double()
         # Adam's first step is -lr * g / (|g| + eps): off sign(g) by adam_eps / |g|, measured 1e-6.
         torch.testing.assert_close(step, -lr * torch.sign(g).double(), rtol=1e-4, atol=0.0,
-                                   msg=lambda s: f"{name}: {s}")  # fmt: skip
+                                   msg=lambda s, name=name: f"{name}: {s}")  # fmt: skip
         torch.testing.assert_close(mo.cpu(), (1 - BETA1) * g)
         torch.testing.assert_close(vo.cpu(), (1 - BETA2) * g * g)
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from kernel_checks import assert_2x, assert_equal
 from pursamere_fast.kernels import ere_residual, ere_residual_torch, use_triton
 from pursamere_fast.reference.ere_residual import ere_residual as ere_residual_ref
@@ -65,9 +64,11 @@ def test_float64(device, shapes, case):
         if name == "torch" and device.type == "cpu":
             assert_equal("torch grad", grad, g64)
         # float64 elementwise: a few ulp at most (measured 4.6e-17 under the interpreter).
-        torch.testing.assert_close(grad.cpu(), g64, rtol=1e-15, atol=1e-15, msg=lambda m: f"{name} grad: {m}")
+        torch.testing.assert_close(grad.cpu(), g64, rtol=1e-15, atol=1e-15,
+                                   msg=lambda m, name=name: f"{name} grad: {m}")
         # ||r||^2 as the square of torch's norm (fallback) or a blocked sum (kernel).
-        torch.testing.assert_close(sqnorm.cpu(), q64, rtol=1e-14, atol=0.0, msg=lambda m: f"{name} sqnorm: {m}")
+        torch.testing.assert_close(sqnorm.cpu(), q64, rtol=1e-14, atol=0.0,
+                                   msg=lambda m, name=name: f"{name} sqnorm: {m}")
 
 
 def test_gradient_is_that_of_the_ere():

@@ -8,10 +8,10 @@ from pursamere_fast.reference import purify_reference
 from pursamere_fast.reference.purify import ere, project, sam_perturbation
 
 from pursamere_fast import Purifier, PurifyConfig, make_noise
-from pursamere_fast.purifiers import ADPPurifier
 from pursamere_fast.exact import purify_unrolled
 from pursamere_fast.nets import ConvScoreNet
 from pursamere_fast.purifier import GRAD_MODES
+from pursamere_fast.purifiers import ADPPurifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

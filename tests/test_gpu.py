@@ -18,14 +18,14 @@ import warnings
 
 import pytest
 import torch
+from pursamere_fast.kernels import use_triton
+from pursamere_fast.reference import purify_reference
+from test_score_options import BF16_MEAN_DX_RHO, BF16_TRACE_RTOL, CL_ATOL, CL_TRACE_RTOL
 
 import pursamere_fast.graphs as graphs
 from pursamere_fast import PurifyConfig, make_noise, purify
-from pursamere_fast.kernels import use_triton
 from pursamere_fast.nets import ConvScoreNet
-from pursamere_fast.reference import purify_reference
 from pursamere_fast.scores.ncsnv2 import NCSNv2, NCSNv2Score
-from test_score_options import BF16_MEAN_DX_RHO, BF16_TRACE_RTOL, CL_ATOL, CL_TRACE_RTOL
 
 purify_module = importlib.import_module("pursamere_fast.purify")
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from kernel_checks import assert_2x, assert_equal
 from pursamere_fast.kernels import mc_reduce_sam, mc_reduce_sam_torch, use_triton
 from pursamere_fast.reference.mc_reduce_sam import mc_reduce_sam as mc_reduce_sam_ref
@@ -71,7 +70,7 @@ def test_float64(device, shapes, norm, radius, write_y):
         if name == "torch" and device.type == "cpu":
             assert_equal("torch y", y, y64)
         # float64 elementwise after one per-image norm: measured bitwise equal.
-        torch.testing.assert_close(y.cpu(), y64, rtol=1e-15, atol=1e-15, msg=lambda m: f"{name} y: {m}")
+        torch.testing.assert_close(y.cpu(), y64, rtol=1e-15, atol=1e-15, msg=lambda m, name=name: f"{name} y: {m}")
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

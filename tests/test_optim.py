@@ -217,7 +217,8 @@ def test_group_without_samples(kind, empty, empty_as):
     sam = make_opt("sam", expected, "adam", rho=rho[kind, empty])
     for x, y in data:
         group = 0 if empty == "tail" else 1
-        sam.step(lambda: head_tail(F.cross_entropy(expected(x), y, reduction="none"), y)[group])
+        sam.step(lambda x=x, y=y, group=group: head_tail(F.cross_entropy(expected(x), y, reduction="none"),
+                                                            y)[group])
     assert_bitwise(list(model.parameters()), list(expected.parameters()))
 
 

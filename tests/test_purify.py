@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from pursamere_fast.reference import purify_reference
 
 from pursamere_fast import NonFiniteScoreError, Purifier, PurifyConfig, make_noise, purify
 from pursamere_fast.nets import ConvScoreNet
-from pursamere_fast.reference import purify_reference
 
 pytestmark = pytest.mark.numerics
 

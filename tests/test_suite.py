@@ -20,7 +20,9 @@ from pursamere_fast.commands.evaluate import main_evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-EPS = 0.08  # on the toy task some members break images and some do not (7 of 24 survive all on an Intel Xeon, 0 at 0.15)
+# On the toy task some members break images and some do not (7 of 24 survive them all on an
+# Intel Xeon; 0 at 0.15).
+EPS = 0.08
 
 
 @pytest.fixture(scope="module")
