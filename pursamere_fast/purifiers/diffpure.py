@@ -65,7 +65,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import checks
-from ..purifier import GRAD_MODES
+from ..purifier import GRAD_MODES, score_call
 from ..scores.boundary import ScoreCall
 
 __all__ = ["DiffPurePurifier", "METHODS", "NOISE_MODES", "vp_continuous_alpha_bar"]
@@ -214,8 +214,9 @@ class DiffPurePurifier(nn.Module):
         sigmas = sigmas[:, None].repeat(1, x.shape[0])  # (S, B): row i is the score's sigma at step i
         full = self.grad_mode.startswith("full") and torch.is_grad_enabled()
         # One boundary per forward pass: it checks every output (shape, dtype, device, graph)
-        # and records NaN/Inf without a host sync; the math attention kernel under "full".
-        call = ScoreCall(self.score, double_backward=full)
+        # and records NaN/Inf without a host sync; the math attention kernel under "full"; a model
+        # that cannot take the images (channels, device, dtype) is named (purifier.score_call).
+        call = score_call(self.score, double_backward=full)
         sde = self.method == "sde"
         for i, step in enumerate(self._plan):
             zi = z[i + 1] if sde else None
