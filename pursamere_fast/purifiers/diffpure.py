@@ -65,7 +65,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import checks
-from ..purifier import GRAD_MODES, score_call
+from ..purifier import GRAD_MODES, check_output_finite, purifier_forward, score_call
 from ..scores.boundary import ScoreCall
 
 __all__ = ["DiffPurePurifier", "METHODS", "NOISE_MODES", "vp_continuous_alpha_bar"]
@@ -206,17 +206,13 @@ class DiffPurePurifier(nn.Module):
         out = torch.add(x * step.a, s, alpha=step.c)
         return out if z is None else torch.add(out, z, alpha=step.g)
 
-    def _sample(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _sample(self, call: ScoreCall, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The diffusion and the reverse loop: [-1, 1]-space output before the clamp."""
         ab = vp_continuous_alpha_bar(self.t_star, self.beta_min, self.beta_max)
         state = torch.add(z[0] * math.sqrt(1 - ab), 2 * x - 1, alpha=math.sqrt(ab))
         sigmas = torch.tensor([st.sigma for st in self._plan], dtype=x.dtype).to(x.device)
         sigmas = sigmas[:, None].repeat(1, x.shape[0])  # (S, B): row i is the score's sigma at step i
         full = self.grad_mode.startswith("full") and torch.is_grad_enabled()
-        # One boundary per forward pass: it checks every output (shape, dtype, device, graph)
-        # and records NaN/Inf without a host sync; the math attention kernel under "full"; a model
-        # that cannot take the images (channels, device, dtype) is named (purifier.score_call).
-        call = score_call(self.score, double_backward=full)
         sde = self.method == "sde"
         for i, step in enumerate(self._plan):
             zi = z[i + 1] if sde else None
@@ -224,7 +220,6 @@ class DiffPurePurifier(nn.Module):
                 state = checkpoint(self._step, call, state, zi, sigmas[i], step, i, use_reentrant=False)
             else:
                 state = self._step(call, state, zi, sigmas[i], step, i)
-        call.raise_if_nonfinite()
         return state
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,20 +239,21 @@ class DiffPurePurifier(nn.Module):
             NonFiniteScoreError: the score returned NaN/Inf (the message names the first such
                 step and its sigma').
         """
-        checks.images("x", x)
+        return purifier_forward(lambda xc: self._purify(xc, noise), x, self.grad_mode, who="DiffPurePurifier")
+
+    def _purify(self, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         z = self._noise(x, noise)
-        if self.grad_mode.startswith("full"):
-            out = (self._sample(x, z) + 1) / 2
-            if self.grad_mode != "full_st_proj":
-                return out.clamp(0, 1)
+        # One boundary per forward pass: it checks every output (shape, dtype, device, graph) and
+        # records NaN/Inf without a host sync; the math attention kernel under "full"; a model
+        # that cannot take the images (channels, device, dtype) is named (purifier.score_call).
+        call = score_call(self.score, double_backward=self.grad_mode.startswith("full") and torch.is_grad_enabled())
+        out = (self._sample(call, x, z) + 1) / 2
+        if self.grad_mode == "full_st_proj" and torch.is_grad_enabled():
             # value + 0 is the clamp's value bit for bit; out + (clamp(out) - out).detach() would round.
-            return out.detach().clamp(0, 1) + (out - out.detach())
-        with torch.no_grad():
-            out = ((self._sample(x.detach(), z) + 1) / 2).clamp(0, 1)
-        if self.grad_mode == "bpda" and torch.is_grad_enabled() and x.requires_grad:
-            # BPDA: the value is exactly `out` (x - x is 0), the gradient exactly the identity.
-            return out + (x - x.detach())
-        return out
+            out = out.detach().clamp(0, 1) + (out - out.detach())
+        else:
+            out = out.clamp(0, 1)
+        return check_output_finite(call, out, who="DiffPurePurifier")
 
     def extra_repr(self) -> str:
         return (f"t_star={self.t_star}, steps={self.steps}, method={self.method!r}, beta_min={self.beta_min}, "
