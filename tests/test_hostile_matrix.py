@@ -326,7 +326,13 @@ def test_linf_rho_one_stays_legal_for_an_unconstrained_search():
     assert_purified(purify(good(), gaussian, CFG, rho=1.0), good())
 
 
+def uint8_data():
+    """A --data factory that hands the harness uint8 images."""
+    return torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+
+
 CLI_CASES = [
+    (["evaluate", "--data", "test_hostile_matrix:uint8_data"], "--data", r"uint8.*x\.float\(\) / 255"),
     (["evaluate", "--pursamere", "rho=16"], "--pursamere", r"rho must be <= 1 for norm='linf'.*/255"),
     (["evaluate", "--pursamere", "rho=nan"], "--pursamere", r"rho must be a finite number"),
     (["evaluate", "--defences", "adp", "--adp", "steps=0"], "--adp", r"steps must be an integer >= 1"),

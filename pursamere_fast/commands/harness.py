@@ -144,7 +144,10 @@ def build_common(p: argparse.ArgumentParser, args, cfg) -> dict:
         p.error(f"argument --n: value must be <= {size - args.start} (the samples from --start {args.start} on), "
                 f"got {n}")
     with option_errors(p, "--data"):
-        channels = take(data, [args.start])[0].shape[1]
+        # The first sample stands for the dataset's format (dtype, layout, range): a factory that
+        # gives uint8 or normalised images is named here, in one line, not by a traceback later.
+        first = checks.images("--data images", take(data, [args.start])[0])
+        channels = first.shape[1]
     for option, values in (("--mean", args.mean), ("--std", args.std)):
         if values is not None and len(values) not in (1, channels):
             p.error(f"argument {option}: value must have one entry or one per image channel ({channels}), "
