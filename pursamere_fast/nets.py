@@ -246,7 +246,7 @@ class WideResNet(nn.Module):
     """WideResNet-depth-k (Zagoruyko & Komodakis 2016) from [0, 1] images to logits, with
     RobustBench's module names (conv1; block1..block3, each a `layer` of `WideBasicBlock`s with
     bn1, relu1, conv1, bn2, relu2, conv2, convShortcut; bn1, relu, fc), so its state dict has
-    RobustBench's keys and `purifiers.hetero.SALIENCY_STAGES["WideResNet"]` names its stages
+    RobustBench's keys and `purifiers.saliency.SALIENCY_STAGES["WideResNet"]` names its stages
     at depth 28. No input normalisation inside (RobustBench's "Standard" CIFAR-10 model has
     none either); the harness's `mean`/`std` options add one if wanted. Widths 16, 16k, 32k,
     64k; stages 2 and 3 halve the resolution; global average pooling before fc, so any input

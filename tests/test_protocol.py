@@ -25,7 +25,7 @@ from pursamere_fast.commands import protocol as protocol_command
 from pursamere_fast.commands.protocol import pin_inputs, weights_sha256
 from pursamere_fast.nets import WideResNet, load_net, save_net
 from pursamere_fast.protocol import dump_toml, resolve, select, selection_rule, spec, training_options
-from pursamere_fast.purifiers.hetero import SALIENCY_STAGES, saliency_map
+from pursamere_fast.purifiers.saliency import SALIENCY_STAGES, saliency_map
 from pursamere_fast.scores import NCSNv2Score
 from pursamere_fast.train import ResumeError, train_classifier
 from pursamere_fast.train.classifier import crop_flip, load_purify_score
