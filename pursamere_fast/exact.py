@@ -54,10 +54,10 @@ from torch.autograd.function import once_differentiable
 
 from . import checks, graphs
 from .purify import (
-    _check_score_options,
-    _CheckedScore,
+    CheckedScore,
     check_finite,
     check_score,
+    check_score_options,
     chunk_images,
     make_noise,
     resolve_config,
@@ -217,7 +217,7 @@ def purify_unrolled(x_adv: torch.Tensor, score, config=None, noise: torch.Tensor
     checks.choice("straight_through", straight_through, STRAIGHT_THROUGH)
     shape = (config.num_steps, config.n_samples, *x_adv.shape[1:])
     noise = make_noise(config, x_adv.shape[1:]) if noise is None else checks.tensor("noise", noise, shape)
-    _check_score_options(score_dtype, False, x_adv.dtype)
+    check_score_options(score_dtype, False, x_adv.dtype)
     plan = score_plan(score, x_adv.shape[1:], x_adv.device, channels_last=channels_last, chunk_rows=chunk_rows)
     if chunk_rows == "auto":
         plan["chunk_rows"] = auto_chunk_rows(plan["chunk_rows"], x_adv.device, x_adv.shape[1:])
@@ -232,7 +232,7 @@ def purify_unrolled(x_adv: torch.Tensor, score, config=None, noise: torch.Tensor
         noise = noise.detach().to(device=x_adv.device, dtype=compute).clone()
         outs = []
         for chunk in src.split(chunk_images(config, plan["chunk_rows"])):
-            x, trace = _loop(chunk.to(compute), _CheckedScore(score, config), config, noise, create_graph,
+            x, trace = _loop(chunk.to(compute), CheckedScore(score, config), config, noise, create_graph,
                              straight_through=straight_through)
             check_finite(config, x.detach(), trace)
             outs.append(x)

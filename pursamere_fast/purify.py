@@ -109,7 +109,7 @@ def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=
     checks.flag("return_ere", return_ere)
     backend = _resolve_backend(backend, x_adv.device)
     use_graph = _resolve_cuda_graph(cuda_graph, backend, x_adv.device, score)
-    _check_score_options(score_dtype, compile_score, x_adv.dtype)
+    check_score_options(score_dtype, compile_score, x_adv.dtype)
     plan = score_plan(score, x_adv.shape[1:], x_adv.device, channels_last=channels_last, chunk_rows=chunk_rows)
     compute = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
     shape = (config.num_steps, config.n_samples, *x_adv.shape[1:])
@@ -127,7 +127,7 @@ def purify(x_adv, score, config=None, *, noise=None, backend="auto", return_ere=
         for chunk in x_adv.split(chunk_images(config, plan["chunk_rows"])):
             chunk = chunk.detach().to(compute).clone()
             if backend == "reference":
-                x, trace = purify_reference(chunk, _CheckedScore(score_fn, config), config, noise)
+                x, trace = purify_reference(chunk, CheckedScore(score_fn, config), config, noise)
                 trace_sam, grad_sum = None, None
             elif use_graph:
                 def make_loop(chunk=chunk):
@@ -290,7 +290,7 @@ def check_score(score) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-class _CheckedScore:
+class CheckedScore:
     """The score as the reference and exact loops call it, checked at every call.
 
     Those loops keep no per-step record of the gradient, so a NaN/Inf is caught where it first
@@ -420,7 +420,8 @@ def chunk_images(config: PurifyConfig, chunk_rows) -> int:
     return max(1, min(config.max_batch, chunk_rows // config.n_samples))
 
 
-def _check_score_options(score_dtype, compile_score, input_dtype):
+def check_score_options(score_dtype, compile_score, input_dtype):
+    """ValueError for a score option this input cannot take (shared with `exact.purify_unrolled`)."""
     if score_dtype is not None and score_dtype != torch.bfloat16:
         raise ValueError(f"score_dtype must be None or torch.bfloat16, got {score_dtype!r}")
     if score_dtype is not None and input_dtype == torch.float64:
