@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import sys
-import tomllib
 from collections import defaultdict
 
+import tomllib
+
 from pursamere_fast.attacks.rows import read_run
-from pursamere_fast.attacks.stats import paired_robust, wilson_interval
+from pursamere_fast.attacks.stats import format_accuracy, paired_robust, wilson_interval
 from pursamere_fast.attacks.suite import summarise_dir
 from pursamere_fast.attacks.sweep import choose_config
 
@@ -30,8 +31,7 @@ NAMES = {"pursamere-nosam-rho12": "PurSAMERE default", "pursamere-nosam": "PurSA
 
 
 def acc(k: int, n: int) -> str:
-    lo, hi = wilson_interval(k, n)
-    return f"{100 * k / n:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return format_accuracy(k / n, wilson_interval(k, n))
 
 
 def pair_line(label: str, a: dict, b: dict) -> str:
@@ -164,15 +164,19 @@ def eot(run: str) -> None:
     lab = {"bpda_eot": "BPDA+EoT-20 PGD-50 (fresh noise)", "bpda": "BPDA-det PGD-200 (fixed noise)"}
     n = min(len(v) for (d, t), v in ours.items() if t in ("clean", "bpda_eot"))
     idx = set(range(n))
-    for (d, t), m in ours.items():
+    for (_, t), m in ours.items():
         assert t not in ("clean", "bpda_eot") or set(range(n)) <= set(m), "not the first n images"
     print(f"\nFirst n = {n} test images, linf 8/255, step 2/255\n")
     print("| defence | threat | n | clean % [95% CI] | robust % [95% CI] |")
     print("|---|---|---|---|---|")
-    cut = lambda m: {i: v for i, v in m.items() if i in idx}
+
+    def cut(m):
+        return {i: v for i, v in m.items() if i in idx}
+
     for d in ("diffpure-t0.1-S20", "adp"):
         c, r = cut(ours[(d, "clean")]), cut(ours[(d, "bpda_eot")])
-        print(f"| {NAMES.get(d, d)} ({d}) | {lab['bpda_eot']} | {n} | {acc(sum(c.values()), n)} | {acc(sum(r.values()), n)} |")
+        print(f"| {NAMES.get(d, d)} ({d}) | {lab['bpda_eot']} | {n} | {acc(sum(c.values()), n)} "
+              f"| {acc(sum(r.values()), n)} |")
     for d in ("pursamere-nosam", "adp"):
         c, r = cut(theirs[(d, "clean")]), cut(theirs[(d, "bpda")])
         print(f"| {NAMES.get(d, d)} (test/aug/bpda200) | {lab['bpda']} | {n} | {acc(sum(c.values()), n)} | "
