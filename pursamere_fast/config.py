@@ -93,7 +93,12 @@ class PurifyConfig:
         The one statement of a purification's cost: the sweep's and the protocol's selection
         rules compare configs by it.
         """
-        return self.num_steps * self.n_samples * (2 if self.sam_radius > 0 else 1)
+        return self.num_steps * self.n_samples * self.ere_evaluations_per_step
+
+    @property
+    def ere_evaluations_per_step(self) -> int:
+        """ERE gradients per Adam step: 2 with SAM (at x and at x + d), else 1."""
+        return 2 if self.sam_radius > 0 else 1
 
     def step_sigmas(self) -> list[float]:
         """sigma_k for k = 0..K-1."""

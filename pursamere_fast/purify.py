@@ -302,7 +302,7 @@ class CheckedScore:
 
     def __init__(self, score, config: PurifyConfig):
         self.score, self.config, self.calls = score, config, 0
-        self.per_step = 2 if config.sam_radius > 0 else 1
+        self.per_step = config.ere_evaluations_per_step
 
     def __call__(self, y, sigma):
         k, first = divmod(self.calls, self.per_step)

@@ -77,6 +77,9 @@ class ScoreAdapter(nn.Module):
     library's score. Adapters call their network through the score-call boundary
     (`boundary.call_model`): outputs unwrapped, half/bf16 networks fed in their dtype."""
 
+    # The score-call boundary leaves y in the loop's dtype for an adapter: it casts for its network.
+    casts_own_input = True
+
     def __init__(self, model, data_range):
         super().__init__()
         self.model = checks.function("model", model)

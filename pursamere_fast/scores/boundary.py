@@ -115,20 +115,13 @@ def check_output(s, y: torch.Tensor, *, name: str = "score") -> torch.Tensor:
     return s.to(y.dtype)
 
 
-def _is_adapter(score) -> bool:
-    # Adapters cast for their own network (their conversions run in the loop's dtype).
-    from .adapters import ScoreAdapter
-
-    return isinstance(score, ScoreAdapter)
-
-
 def call_score(score, y: torch.Tensor, sigma: torch.Tensor, *, double_backward: bool = False,
                name: str = "score") -> torch.Tensor:
     """score(y, sigma) under the boundary's rules (module docstring), checked by `check_output`.
 
     Args:
-        score: callable score(y, sigma); an adapter (`ScoreAdapter`) casts for its own network,
-            any other module gets y and sigma in its parameters' dtype.
+        score: callable score(y, sigma); an adapter (`ScoreAdapter`, `casts_own_input = True`)
+            casts for its own network, any other module gets y and sigma in its parameters' dtype.
         y: (M, C, H, W); sigma: (M,).
         double_backward: the caller will differentiate through the score twice.
         name: how errors name the callable.
@@ -140,7 +133,8 @@ def call_score(score, y: torch.Tensor, sigma: torch.Tensor, *, double_backward: 
         ValueError: the output is not a floating tensor of y's shape on y's device, or is
             detached from a y that requires a gradient.
     """
-    dtype = None if _is_adapter(score) else model_dtype(score)
+    # An adapter casts for its own network (its conversions run in the loop's dtype).
+    dtype = None if getattr(score, "casts_own_input", False) else model_dtype(score)
     if dtype is not None and dtype != y.dtype:
         yin, sin = y.to(dtype), sigma.to(dtype)
     else:
