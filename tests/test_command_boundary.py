@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pursamere_fast"
 COMMAND_SIDE = ("pursamere_fast.commands", "pursamere_fast.cli")
 
+
 def _modules() -> dict[str, Path]:
     out = {}
     for path in sorted(PACKAGE.rglob("*.py")):
