@@ -203,15 +203,17 @@ COERCIONS = [
 ]
 
 
-@pytest.mark.parametrize("entry", PURIFIERS)
-@pytest.mark.parametrize("case, make_score, x", COERCIONS, ids=[c[0] for c in COERCIONS])
+# The saliency classifier takes one-channel 8 x 8 images: other images are a ModelInputError for
+# the purifiers that run it first (tested below), not a coercion.
+COERCION_CASES = [(entry, *case) for entry in PURIFIERS for case in COERCIONS
+                  if entry not in CLASSIFIER_FIRST or tuple(case[2].shape[1:]) == (1, 8, 8)]
+
+
+@pytest.mark.parametrize("entry, case, make_score, x", COERCION_CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in COERCION_CASES])
 def test_stated_coercions(entry, case, make_score, x):
     if x.shape[1] != 1 and "channels_last" in case:
         make_score = lambda: gaussian  # noqa: E731 - any channel count
-    if entry in CLASSIFIER_FIRST and tuple(x.shape[-2:]) != (8, 8):
-        pytest.skip("the saliency classifier is built for 8 x 8 images (other sizes: ModelInputError, tested below)")
-    if entry in CLASSIFIER_FIRST and x.shape[1] != 1:
-        pytest.skip("the saliency classifier takes one channel")
     out = PURIFIERS[entry](make_score())(x)
     assert_purified(out, x)
 
