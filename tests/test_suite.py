@@ -175,6 +175,16 @@ def test_cli_suite(tmp_path, capsys):
     assert "only AutoAttack broke" in capsys.readouterr().out
     checked = json.loads((out / "autoattack.json").read_text())
     assert [c["defence"] for c in checked] == ["none", "adp"] and all(c["n"] == 8 for c in checked)
+    # DiffPure's 'rand' check: fresh noise, EoT; its own file beside the BPDA check's.
+    rand = ["--autoattack-only", "--autoattack-threat", "bpda_eot", "--autoattack-eot", "2"]
+    assert main_evaluate(argv + rand) == 0
+    assert "EoT 2" in capsys.readouterr().out
+    checked_rand = json.loads((out / "autoattack.bpda_eot-eot2.json").read_text())
+    assert [(c["threat"], c["eot"]) for c in checked_rand] == [("bpda_eot", 2)] * 2
+    assert json.loads((out / "autoattack.json").read_text()) == checked
+    with pytest.raises(SystemExit) as e:
+        main_evaluate(argv + ["--autoattack-only", "--autoattack-threat", "gpgd"])
+    assert e.value.code == 2 and "--autoattack-threat" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main_evaluate(argv[:-2] + ["--eps", "0.1,0.2", "--out", str(tmp_path / "x")])
     assert e.value.code == 2

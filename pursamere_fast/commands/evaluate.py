@@ -21,7 +21,7 @@ from ..attacks.suite import (
     suite_markdown,
     summarise_dir,
 )
-from ..attacks.threats import EOT_GRAD_MODE, THREATS, AttackSpec, grid
+from ..attacks.threats import EOT_GRAD_MODE, GRAD_MODE, THREATS, AttackSpec, grid
 from .harness import (
     DEFENCES,
     build_common,
@@ -68,6 +68,12 @@ def main_evaluate(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--autoattack-only", action="store_true",
                    help="with --suite, run only the AutoAttack check, on the images --out's suite has finished (a "
                         "run still going or stopped at its budget)")
+    p.add_argument("--autoattack-threat", type=choice((*GRAD_MODE, *EOT_GRAD_MODE)), default="bpda",
+                   help="the gradient AutoAttack differentiates; a stochastic threat (bpda_eot, exact_eot) is "
+                        "AutoAttack's 'rand' version as DiffPure runs it: fresh noise per call, EoT over "
+                        "--autoattack-eot draws, judged on a fresh draw")
+    p.add_argument("--autoattack-eot", type=integer(1), default=20,
+                   help="EoT draws per gradient of a stochastic --autoattack-threat (pyautoattack's 'rand': 20)")
     args, cfg = parse_with_config(p, argv)
     if args.device is not None and str(args.device).startswith("cuda") and "LOCAL_RANK" in os.environ:
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -98,11 +104,15 @@ def main_evaluate(argv: Sequence[str] | None = None) -> int:
             if args.autoattack or args.autoattack_only:
                 norm = members[0].norm
                 eps = members[0].eps
+                threat, eot = args.autoattack_threat, args.autoattack_eot
                 checks_ = [autoattack_check(common["classifier"], common["data"], d, suite_dir=args.out, norm=norm,
-                                            eps=eps, batch_size=args.batch_size, mean=common["mean"],
-                                            std=common["std"], device=common["device"], progress=not args.no_progress)
+                                            eps=eps, threat=threat, eot=eot, batch_size=args.batch_size,
+                                            mean=common["mean"], std=common["std"], device=common["device"],
+                                            progress=not args.no_progress)
                            for d in defences]
-                with open(os.path.join(args.out, "autoattack.json"), "w") as f:
+                # One file per gradient estimator, so a 'rand' check does not overwrite the BPDA one.
+                tag = "" if threat == "bpda" else f".{threat}" + (f"-eot{eot}" if threat in EOT_GRAD_MODE else "")
+                with open(os.path.join(args.out, f"autoattack{tag}.json"), "w") as f:
                     json.dump(checks_, f, indent=1)
                 sys.stdout.write(autoattack_markdown(checks_))
         if dist.is_available() and dist.is_initialized():
