@@ -176,11 +176,12 @@ def test_cli_suite(tmp_path, capsys):
     checked = json.loads((out / "autoattack.json").read_text())
     assert [c["defence"] for c in checked] == ["none", "adp"] and all(c["n"] == 8 for c in checked)
     # DiffPure's 'rand' check: fresh noise, EoT; its own file beside the BPDA check's.
-    rand = ["--autoattack-only", "--autoattack-threat", "bpda_eot", "--autoattack-eot", "2"]
+    # --n limits the check to the first images of a larger suite run.
+    rand = ["--autoattack-only", "--autoattack-threat", "bpda_eot", "--autoattack-eot", "2", "--n", "5"]
     assert main_evaluate(argv + rand) == 0
     assert "EoT 2" in capsys.readouterr().out
     checked_rand = json.loads((out / "autoattack.bpda_eot-eot2.json").read_text())
-    assert [(c["threat"], c["eot"]) for c in checked_rand] == [("bpda_eot", 2)] * 2
+    assert [(c["threat"], c["eot"], c["n"]) for c in checked_rand] == [("bpda_eot", 2, 5)] * 2
     assert json.loads((out / "autoattack.json").read_text()) == checked
     with pytest.raises(SystemExit) as e:
         main_evaluate(argv + ["--autoattack-only", "--autoattack-threat", "gpgd"])

@@ -380,7 +380,8 @@ def suite_markdown(summary: dict) -> str:
 
 def autoattack_check(classifier: nn.Module, data, defence: Defence, *, suite_dir: str, norm: str, eps: float,
                      threat: str = "bpda", steps: int = 100, seed: int = 0, batch_size: int = 64, mean=None,
-                     std=None, device=None, progress: bool = True, eot: int = 20) -> dict:
+                     std=None, device=None, progress: bool = True, eot: int = 20,
+                     indices: Sequence[int] | None = None) -> dict:
     """AutoAttack's APGD-CE + APGD-DLR (pyautoattack, one restart each) against a finished suite.
 
     SPEC section 7's last sanity check: AutoAttack, run through the same gradient estimator on
@@ -402,6 +403,8 @@ def autoattack_check(classifier: nn.Module, data, defence: Defence, *, suite_dir
         batch_size: images per AutoAttack call.
         progress: tqdm bar.
         eot: EoT draws per gradient of the stochastic threats (pyautoattack's 'rand': 20).
+        indices: check only these of the judged images (None: all), e.g. the first n of a suite
+            run larger than the check can afford.
 
     Returns:
         {"defence", "n", "threat", "steps", "eot" (stochastic threats), "suite_robust",
@@ -418,12 +421,13 @@ def autoattack_check(classifier: nn.Module, data, defence: Defence, *, suite_dir
     eot = checks.integer("eot", eot, 1)
     stochastic = threat in EOT_GRAD_MODE
     rows = read_run(suite_dir)  # the merged rows, or the shards of a run still going or stopped
+    wanted = None if indices is None else set(indices)
     by = {}
     for r in rows:
         if r["defence"] == defence.name:
             by.setdefault(r["index"], {})[r["attack"]] = r
     labels = {r["attack"] for r in rows if r["defence"] == defence.name}
-    judged = sorted(i for i, rs in by.items() if set(rs) == labels)
+    judged = sorted(i for i, rs in by.items() if set(rs) == labels and (indices is None or i in wanted))
     suite_robust = {i: by[i][CLEAN]["clean_correct"] and not any(r["broken"] for r in by[i].values())
                     for i in judged}
     tag = f".{threat}-eot{eot}" if stochastic else ""

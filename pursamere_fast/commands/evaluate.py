@@ -66,8 +66,8 @@ def main_evaluate(argv: Sequence[str] | None = None) -> int:
                    help="with --suite, then run AutoAttack's APGD-CE + APGD-DLR (pyautoattack, BPDA, 100 steps) on "
                         "the same images and count what it broke that the suite did not")
     p.add_argument("--autoattack-only", action="store_true",
-                   help="with --suite, run only the AutoAttack check, on the images --out's suite has finished (a "
-                        "run still going or stopped at its budget)")
+                   help="with --suite, run only the AutoAttack check, on the images of --n / --start that --out's "
+                        "suite has finished (a run still going or stopped at its budget)")
     p.add_argument("--autoattack-threat", type=choice((*GRAD_MODE, *EOT_GRAD_MODE)), default="bpda",
                    help="the gradient AutoAttack differentiates; a stochastic threat (bpda_eot, exact_eot) is "
                         "AutoAttack's 'rand' version as DiffPure runs it: fresh noise per call, EoT over "
@@ -106,7 +106,8 @@ def main_evaluate(argv: Sequence[str] | None = None) -> int:
                 eps = members[0].eps
                 threat, eot = args.autoattack_threat, args.autoattack_eot
                 checks_ = [autoattack_check(common["classifier"], common["data"], d, suite_dir=args.out, norm=norm,
-                                            eps=eps, threat=threat, eot=eot, batch_size=args.batch_size,
+                                            eps=eps, threat=threat, eot=eot, indices=common["indices"],
+                                            batch_size=args.batch_size,
                                             mean=common["mean"], std=common["std"], device=common["device"],
                                             progress=not args.no_progress)
                            for d in defences]
