@@ -241,6 +241,37 @@ def test_verdicts_pair_each_claim_under_its_measures():
     assert {c[:6] for c in protocol.comparisons(maps)} == {k for k in want if k[1] == "clean"}
 
 
+def test_baseline_runs_join_claim_iii_and_the_report(tmp_path):
+    """OUT/baselines.json puts a run beside a protocol job: its defences pair with PurSAMERE's
+    under claim (iii), on the images both have."""
+    def run(path, defences, n):
+        path.mkdir(parents=True)
+        rows = [dict(defence=d, threat=t, attack=t if t == "clean" else "bpda-linf-x", index=i,
+                     robust_correct=(i + (d == "pursamere-nosam")) % 2 == 0) for d in defences
+                for t in ("clean", "bpda") for i in range(n)]
+        (path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (path / "summary.json").write_text(json.dumps({"defences": []}))
+        (path / "summary.md").write_text(f"rows of {path.name}\n")
+
+    run(tmp_path / "test" / "aug" / "main", ["pursamere-nosam", "adp"], 6)
+    run(tmp_path / "diffpure" / "main", ["diffpure-x"], 4)
+    key = ("aug", "main", "bpda-linf-x")
+    assert {k[3] for k in protocol.robust_maps(tmp_path)} == {"pursamere-nosam", "adp"}
+    (tmp_path / protocol.BASELINES).write_text(json.dumps({"aug": {"main": ["diffpure/main"]}}))
+    assert protocol.baseline_runs(tmp_path) == [("aug", "main", tmp_path / "diffpure" / "main")]
+    maps = protocol.robust_maps(tmp_path)
+    assert maps[(*key, "diffpure-x")] == {0: True, 1: False, 2: True, 3: False}
+    iii = {c[5]: c[6] for c in protocol.comparisons(maps) if c[0] == "(iii)"}
+    assert set(iii) == {"adp", "diffpure-x"}
+    # PurSAMERE is robust on the odd images, the baseline on the even: 2 vs 2 on the 4 both have.
+    assert (iii["diffpure-x"]["n"], iii["diffpure-x"]["a_only"], iii["diffpure-x"]["b_only"]) == (4, 2, 2)
+    assert sorted(["pursamere-nosam", "diffpure-x", "adp", "none"], key=protocol.defence_order) == [
+        "none", "adp", "diffpure-x", "pursamere-nosam"]
+    text = protocol.report(tmp_path)
+    assert "## aug classifier: main, baseline run `diffpure/main`" in text and "rows of main" in text
+    assert "pursamere-nosam vs diffpure-x" in text
+
+
 def test_suite_worst_case_of_a_running_job_counts_images_every_member_reached(tmp_path):
     job = tmp_path / "test" / "clean" / "suite"
     job.mkdir(parents=True)

@@ -30,6 +30,9 @@ names (`pursamere-fast evaluate` configs once resolved), all written before any 
         --out RUN                                          # RUN/choice.json, choice.md, augment.json
     pursamere-fast protocol report --protocol P OUT  # OUT/report.md, report.png
 
+The report also reads OUT/baselines.json when present: runs of other defences (DiffPure, the
+heterogeneous purifier) on a job's images and members, which join claim (iii)'s comparisons.
+
 `run` calls `train-score`, `score-quality`, `train-classifier`, `evaluate` and the steps above in
 one process (a torch import per stage would cost more than a smoke run's work) and logs each
 stage with its equivalent command line, so that any stage can be rerun alone.
@@ -57,8 +60,10 @@ case, then the higher clean accuracy, then the earlier point of the grid
 """
 
 from .report import (
+                     BASELINES,
                      CLAIMS,
                      accuracy_panels,
+                     baseline_runs,
                      comparisons,
                      defence_order,
                      plot_report,
@@ -89,8 +94,8 @@ from .spec import (
 )
 
 __all__ = [
-    "AUGMENT", "CHOICE", "CHOICE_MD", "CLAIMS", "CLASSIFIERS", "DATASETS", "GROUPS", "LEVEL", "ProtocolSpec",
-    "accuracy_panels",
+    "AUGMENT", "BASELINES", "CHOICE", "CHOICE_MD", "CLAIMS", "CLASSIFIERS", "DATASETS", "GROUPS", "LEVEL",
+    "ProtocolSpec", "accuracy_panels", "baseline_runs",
     "comparisons", "defence_order", "robust_maps",
     "augmentation_config", "check_held_out", "choice_markdown", "data_root", "dump_toml", "options", "plot_report",
     "quality_options", "report", "resolve", "score_training_options", "select", "selection_rule", "spec",

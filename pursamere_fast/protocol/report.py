@@ -26,21 +26,39 @@ def _verdict(a: str, b: str, pair: Mapping) -> str:
 CLAIMS = {
     "(i)": "far above the undefended classifier under BPDA-det",
     "(ii)": "SAM improves robustness",
-    "(iii)": "at least as robust as the stochastic baseline (ADP) under the deterministic white-box attacks",
+    "(iii)": "at least as robust as the baselines (ADP; DiffPure and the heterogeneous purifier where run) under "
+             "the deterministic white-box attacks",
     "(iv)": "purified augmentation helps",
 }
+
+# Defences evaluated beside the protocol on the same images and members, outside its templates:
+# OUT/baselines.json, {"<classifier>": {"<job>": ["<run directory relative to OUT>", ...]}}.
+BASELINES = "baselines.json"
+
+
+def baseline_runs(out: Path) -> list[tuple[str, str, Path]]:
+    """(classifier, job, run directory) of OUT/baselines.json, in its order; [] without it."""
+    path = out / BASELINES
+    if not path.is_file():
+        return []
+    return [(clf, job, out / run) for clf, jobs in json.loads(path.read_text()).items()
+            for job, runs in jobs.items() for run in runs]
+
+
+def _is_baseline(name: str) -> bool:
+    return name != "none" and not name.startswith("pursamere")
 
 
 def robust_maps(out: Path) -> dict[tuple[str, str, str, str], dict[int, bool]]:
     """{(classifier, job, measure, defence): {index: robust}} of every test job: a suite job's
     measure is its worst case (on the images every member has reached: a running job's last
     batch may have the cheap members' rows only), a single-attack job's each attack (its
-    `robust_correct`)."""
+    `robust_correct`). The runs of OUT/baselines.json join their classifier's and job's keys."""
     maps = {}
-    for path in sorted(out.glob("test/*/*/summary.json")):
-        clf, job = path.parent.parent.name, path.parent.name
-        summary = json.loads(path.read_text())
-        rows = read_run(str(path.parent))
+    runs = [(p.parent.parent.name, p.parent.name, p.parent) for p in sorted(out.glob("test/*/*/summary.json"))]
+    for clf, job, run in runs + baseline_runs(out):
+        summary = json.loads((run / "summary.json").read_text())
+        rows = read_run(str(run))
         if "paired" in summary:  # a suite job
             for e in summary["defences"]:
                 members = [CLEAN, *(m["member"] for m in e["members"])]
@@ -55,22 +73,25 @@ def robust_maps(out: Path) -> dict[tuple[str, str, str, str], dict[int, bool]]:
 def comparisons(maps: Mapping) -> list[tuple]:
     """(claim, classifier, job, measure, first, second, paired) for each claim: under a
     deterministic white-box measure (the suite's worst case, BPDA-det), (i) each PurSAMERE
-    defence against the undefended classifier, (iii) against ADP and (iv) each defence with the
+    defence against the undefended classifier, (iii) against each baseline (ADP and every other
+    defence that is not PurSAMERE: those of OUT/baselines.json) and (iv) each defence with the
     augmented against the clean classifier; under every measure (ii) each PurSAMERE defence with
     SAM against its twin without (the same name with -nosam for -sam). A pair without a common
     image (a job not yet run for one side) is left out, not tallied as "no difference"."""
     out = []
+    baselines = sorted({k[3] for k in maps if _is_baseline(k[3])}, key=lambda b: (b != "adp", b))
     for (clf, job, measure, d), robust in sorted(maps.items()):
         det = measure == WORST or measure.startswith("bpda-")
-        other = {name: maps.get((clf, job, measure, name)) for name in ("none", "adp")}
+        other = {name: maps.get((clf, job, measure, name)) for name in ("none", *baselines)}
         if d.startswith("pursamere"):
             if det and other["none"] is not None:
                 out.append(("(i)", clf, job, measure, d, "none", paired_robust(robust, other["none"])))
             twin = d.replace("pursamere-sam", "pursamere-nosam")
             if twin != d and (clf, job, measure, twin) in maps:
                 out.append(("(ii)", clf, job, measure, d, twin, paired_robust(robust, maps[(clf, job, measure, twin)])))
-            if det and other["adp"] is not None:
-                out.append(("(iii)", clf, job, measure, d, "adp", paired_robust(robust, other["adp"])))
+            for b in baselines:
+                if det and other[b] is not None:
+                    out.append(("(iii)", clf, job, measure, d, b, paired_robust(robust, other[b])))
         if clf == "aug" and det and d != "none" and ("clean", job, measure, d) in maps:
             out.append(("(iv)", "aug vs clean", job, measure, f"{d}: aug", "clean classifier",
                         paired_robust(robust, maps[("clean", job, measure, d)])))
@@ -118,8 +139,10 @@ def accuracy_panels(maps: Mapping) -> dict[tuple[str, str], dict[tuple[str, str]
 
 
 def defence_order(name: str) -> tuple:
-    """The undefended classifier, ADP, PurSAMERE with SAM, without; rho in numeric order."""
-    group = 0 if name == "none" else 1 if name == "adp" else 2 if "-sam" in name else 3
+    """The undefended classifier, ADP, the other baselines, PurSAMERE with SAM, without; rho in
+    numeric order."""
+    group = (0 if name == "none" else 1 if name == "adp" else 2 if _is_baseline(name) else 3 if "-sam" in name
+             else 4)
     return group, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
@@ -209,5 +232,8 @@ def report(out_dir: str | os.PathLike, title: str = "Protocol", figure: str | No
         lines += ["", "## Robust accuracy", "", f"![robust accuracy of every test measure]({figure})"]
     for summary in sorted(out.glob("test/*/*/summary.md")):
         lines += ["", f"## {summary.parent.parent.name} classifier: {summary.parent.name}", "", summary.read_text()]
+    for clf, job, run in baseline_runs(out):
+        lines += ["", f"## {clf} classifier: {job}, baseline run `{run.relative_to(out)}`", "",
+                  (run / "summary.md").read_text()]
     lines += verdicts(maps)
     return "\n".join(lines) + "\n"
