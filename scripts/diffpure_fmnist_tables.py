@@ -203,6 +203,11 @@ def eot(run: str) -> None:
                         cut(theirs[("pursamere-nosam", "bpda")])))
         print(pair_line("ADP BPDA+EoT vs ADP BPDA-det-200 (fresh vs fixed noise)", cut(ours[("adp", "bpda_eot")]),
                         cut(theirs[("adp", "bpda")])))
+        if norm == "linf":  # DiffPure's own fixed-noise rows (main/, suite/) on the same images
+            fixed = main_maps(os.path.join(PROTOCOL, "diffpure", "main"))[("diffpure-t0.1-S20", "bpda")]
+            worst = suite_maps(os.path.join(PROTOCOL, "diffpure", "suite"))["diffpure-t0.1-S20"]
+            print(pair_line("DiffPure BPDA+EoT (fresh) vs DiffPure BPDA-det-20 (fixed noise)", dp, cut(fixed)))
+            print(pair_line("DiffPure BPDA+EoT (fresh) vs DiffPure's suite worst case (fixed noise)", dp, cut(worst)))
 
 
 def pair(run_a: str, run_b: str) -> None:
