@@ -23,7 +23,7 @@ import tomllib
 from pursamere_fast.attacks.defences import settings_cost
 from pursamere_fast.attacks.rows import read_run
 from pursamere_fast.attacks.stats import format_accuracy, paired_robust, wilson_interval
-from pursamere_fast.attacks.suite import summarise_dir
+from pursamere_fast.attacks.suite import robust_per_image, summarise_dir
 from pursamere_fast.attacks.sweep import choose_config
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -127,21 +127,13 @@ def main(run: str) -> None:
 
 
 def suite_maps(run: str, skip=()) -> dict:
-    """{defence: {index: robust under every member}} of a suite run (members in `skip` ignored)."""
+    """{defence: {index: robust under every member}} of a suite run (members in `skip` ignored;
+    finished images only)."""
     rows = read_run(run)
-    clean, broken, seen = {}, defaultdict(bool), defaultdict(set)
+    members = {}
     for r in rows:
-        if r["attack"] == "clean":
-            clean[(r["defence"], r["index"])] = bool(r["clean_correct"])
-        elif r["attack"] not in skip:
-            broken[(r["defence"], r["index"])] |= bool(r["broken"])
-        seen[(r["defence"], r["index"])].add(r["attack"])
-    n_members = {d: max(len(seen[k]) for k in seen if k[0] == d) for d, _ in seen}
-    out = defaultdict(dict)
-    for (d, i), c in clean.items():
-        if len(seen[(d, i)]) == n_members[d]:  # finished images only
-            out[d][i] = c and not broken[(d, i)]
-    return out
+        members.setdefault(r["defence"], set()).add(r["attack"])
+    return {d: robust_per_image(rows, d, sorted(m - set(skip))) for d, m in members.items()}
 
 
 def suite(run: str) -> None:
