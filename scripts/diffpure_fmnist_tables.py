@@ -5,6 +5,7 @@
     python scripts/diffpure_fmnist_tables.py suite RUN_DIR    # paired with test/aug/suite
     python scripts/diffpure_fmnist_tables.py eot RUN_DIR      # the fresh-noise (BPDA+EoT) rows, every norm
     python scripts/diffpure_fmnist_tables.py pair RUN_A RUN_B # two runs' defences against each other
+    python scripts/diffpure_fmnist_tables.py rand SUITE_DIR   # its 'rand' AutoAttack rows beside eot/ and the suite
 
 The runs may hold DiffPure or the heterogeneous purifier (configs/fmnist_select_hetero.toml).
 
@@ -14,6 +15,7 @@ Every test is on the images both runs have (the first n test images), exact McNe
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections import defaultdict
@@ -23,7 +25,7 @@ import tomllib
 from pursamere_fast.attacks.defences import settings_cost
 from pursamere_fast.attacks.rows import read_run
 from pursamere_fast.attacks.stats import format_accuracy, paired_robust, wilson_interval
-from pursamere_fast.attacks.suite import robust_per_image, summarise_dir
+from pursamere_fast.attacks.suite import CLEAN, robust_per_image, summarise_dir
 from pursamere_fast.attacks.sweep import choose_config
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -221,5 +223,36 @@ def pair(run_a: str, run_b: str) -> None:
                                 {i: mb[i] for i in both}))
 
 
+def rand(run: str, defence: str = "diffpure-t0.1-S20", tag: str = "bpda_eot-eot20") -> None:
+    """The 'rand' AutoAttack check of a suite run (autoattack.<defence>.<tag>.jsonl, fresh noise)
+    on the images it finished, beside the same images' fresh-noise BPDA+EoT rows (diffpure/eot)
+    and the suite's fixed-noise worst case; the fresh-noise worst case is over both attacks."""
+    with open(os.path.join(run, f"autoattack.{defence}.{tag}.jsonl")) as f:
+        broken = {r["index"]: r["broken"] for r in map(json.loads, f)}
+    clean = {r["index"]: r["clean_correct"] for r in read_run(run) if r["defence"] == defence and r["attack"] == CLEAN}
+    n = 0  # the first n images: each misclassified clean or checked
+    while n in clean and (not clean[n] or n in broken):
+        n += 1
+    idx = range(n)
+    aa = {i: clean[i] and not broken.get(i, False) for i in idx}
+    fresh = main_maps(os.path.join(PROTOCOL, "diffpure", "eot"))[(defence, "bpda_eot")]
+    fresh = {i: fresh[i] for i in idx}
+    worst = {i: aa[i] and fresh[i] for i in idx}
+    fixed = suite_maps(run)[defence]
+    fixed = {i: fixed[i] for i in idx}
+    print(f"\n### {label(defence)}: 'rand' AutoAttack ({tag}), first n = {n} test images\n")
+    print("| attack | n | robust % [95% CI] |")
+    print("|---|---|---|")
+    for name, m in (("'rand' AutoAttack (APGD-CE + APGD-DLR), fresh noise", aa),
+                    ("BPDA+EoT-20 PGD-50, fresh noise (eot/)", fresh),
+                    ("fresh-noise worst case over the two", worst),
+                    ("the suite's worst case, fixed noise", fixed)):
+        print(f"| {name} | {n} | {acc(sum(m.values()), n)} |")
+    print("\n| comparison | n | robust a vs b | discordant | p |")
+    print("|---|---|---|---|---|")
+    print(pair_line("'rand' AutoAttack vs BPDA+EoT-20 PGD-50 (both fresh noise)", aa, fresh))
+    print(pair_line("'rand' AutoAttack (fresh) vs the suite's worst case (fixed noise)", aa, fixed))
+
+
 if __name__ == "__main__":
-    {"select": select, "main": main, "suite": suite, "eot": eot, "pair": pair}[sys.argv[1]](*sys.argv[2:])
+    {"select": select, "main": main, "suite": suite, "eot": eot, "pair": pair, "rand": rand}[sys.argv[1]](*sys.argv[2:])
